@@ -1,0 +1,197 @@
+"""The simulated federated-learning client: how private images become the update the server sees.
+
+The same functional code serves the honest client (which computes the shared update once) and the attacker
+(which differentiates it with respect to dummy images), so the victim's loss is exactly the attacker's loss.
+It is written with ``torch.func.functional_call`` and ``torch.func.grad``, so it works for any ``nn.Module``
+(BatchNorm included) and composes with ``vmap`` over restarts. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+UpdateKind = Literal["gradient", "delta", "weights"]
+
+
+@dataclass
+class Update:
+    """What the server receives: one tensor per victim parameter, in ``victim.parameters()`` order.
+
+    Attributes:
+        tensors: the gradient (FedSGD), the weight change ``θ_K − θ_0`` or the new weights ``θ_K`` (FedAvg).
+        names: the parameter names, as in ``victim.named_parameters()``.
+        kind: ``gradient``, ``delta`` or ``weights``.
+        labels: labels the attacker knows (shared by the client, or recovered), ``(B,)``; ``None`` if unknown.
+        num_images: how many images the client used (the batch size B), when known.
+        num_clients: how many clients were averaged into this update (1 without aggregation).
+    """
+
+    tensors: list[Tensor]
+    names: list[str]
+    kind: UpdateKind = "gradient"
+    labels: Tensor | None = None
+    num_images: int | None = None
+    num_clients: int = 1
+    meta: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Update:
+        return Update(
+            [t.to(device) for t in self.tensors],
+            list(self.names),
+            self.kind,
+            None if self.labels is None else self.labels.to(device),
+            self.num_images,
+            self.num_clients,
+            dict(self.meta),
+        )
+
+    def state_dict(self) -> dict:
+        """Plain tensors and Python values only, so it can be saved in a checkpoint and loaded without pickles."""
+        return {
+            "tensors": [t.detach().cpu() for t in self.tensors],
+            "names": list(self.names),
+            "kind": self.kind,
+            "labels": None if self.labels is None else self.labels.detach().cpu(),
+            "num_images": self.num_images,
+            "num_clients": self.num_clients,
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Update:
+        return cls(**state)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy for hard labels ``(B,)`` or soft label logits ``(B, K)`` (DLG: softmax targets)."""
+    if labels.is_floating_point():
+        return -(labels.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+class Client:
+    """The honest client of the threat model.
+
+    Args:
+        protocol: ``fedsgd`` sends one gradient of the mean cross-entropy over the whole batch; ``fedavg`` runs
+            local SGD steps and sends the resulting change of weights.
+        local_steps: FedAvg: number of local SGD steps K.
+        local_lr: FedAvg: the local learning rate η.
+        local_batch_size: FedAvg: minibatch size b; step i uses minibatch ``i mod ceil(B / b)``. ``None`` uses
+            the whole batch at every step.
+        local_epochs: FedAvg: if set, overrides ``local_steps`` with ``local_epochs · ceil(B / b)``.
+        send: FedAvg: send the change ``θ_K − θ_0`` (``delta``) or the new weights ``θ_K`` (``weights``).
+        train_mode: run the victim in training mode (BatchNorm on batch statistics). The paper's default, and
+            ours, is eval mode.
+    """
+
+    def __init__(
+        self,
+        protocol: Literal["fedsgd", "fedavg"] = "fedsgd",
+        local_steps: int = 5,
+        local_lr: float = 1e-4,
+        local_batch_size: int | None = None,
+        local_epochs: int | None = None,
+        send: Literal["delta", "weights"] = "delta",
+        train_mode: bool = False,
+    ) -> None:
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+        if local_batch_size is not None and local_batch_size < 1:
+            raise ValueError(f"local_batch_size must be >= 1, got {local_batch_size}")
+        self.protocol = protocol
+        self.local_steps = local_steps
+        self.local_lr = local_lr
+        self.local_batch_size = local_batch_size
+        self.local_epochs = local_epochs
+        self.send = send
+        self.train_mode = train_mode
+
+    @property
+    def kind(self) -> UpdateKind:
+        return "gradient" if self.protocol == "fedsgd" else self.send
+
+    def steps_for(self, num_images: int) -> int:
+        """The number of local steps for a batch of ``num_images``."""
+        if self.local_epochs is None:
+            return self.local_steps
+        return self.local_epochs * math.ceil(num_images / (self.local_batch_size or num_images))
+
+    def update(self, victim: nn.Module, images: Tensor, labels: Tensor) -> Update:
+        """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,)."""
+        names = [n for n, _ in victim.named_parameters()]
+        params = {n: p.detach() for n, p in victim.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in victim.named_buffers()}
+        with torch.no_grad():
+            tensors = self.simulate(victim, params, buffers, images, labels)
+        return Update(
+            [t.detach() for t in tensors],
+            names,
+            self.kind,
+            labels=labels.detach().clone(),
+            num_images=images.shape[0],
+            meta={"protocol": self.protocol, "local_lr": self.local_lr, "local_steps": self.steps_for(len(images))},
+        )
+
+    def simulate(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        only: Sequence[int] | None = None,
+    ) -> list[Tensor]:
+        """The update as a differentiable function of ``images`` (and soft ``labels``).
+
+        Args:
+            victim: the module whose architecture is used (its own parameters are ignored: ``params`` are used).
+            params: parameter tensors by name, in ``named_parameters()`` order.
+            buffers: buffer tensors by name (BatchNorm statistics); updated in place in train mode.
+            images: ``(B, C, H, W)`` in the victim's normalised input space.
+            labels: ``(B,)`` class indices, or ``(B, K)`` soft-label logits.
+            only: indices of the parameters whose update is wanted (all if ``None``).
+
+        Returns:
+            The update tensors, one per requested parameter.
+        """
+        victim.train(self.train_mode)
+        names = list(params)
+        wanted = range(len(names)) if only is None else only
+
+        if self.protocol == "fedsgd":
+            # Differentiate only the tensors the attack compares: the rest are constants of this function.
+            grad_names = [names[i] for i in wanted]
+            fixed = {n: params[n] for n in names if n not in set(grad_names)}
+
+            def loss_of(selected: dict[str, Tensor]) -> Tensor:
+                logits = functional_call(victim, ({**fixed, **selected}, buffers), (images,))
+                return cross_entropy(logits, labels)
+
+            grads = torch.func.grad(loss_of)({n: params[n] for n in grad_names})
+            return [grads[n] for n in grad_names]
+
+        def loss_at(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return cross_entropy(functional_call(victim, (p, buffers), (x,)), y)
+
+        num_images = images.shape[0]
+        b = self.local_batch_size or num_images
+        num_batches = math.ceil(num_images / b)
+        current = dict(params)
+        change = {n: torch.zeros_like(p) for n, p in params.items()}
+        for step in range(self.steps_for(num_images)):
+            i = step % num_batches
+            x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
+            grads = torch.func.grad(loss_at)(current, x, y)
+            change = {n: change[n] - self.local_lr * grads[n] for n in names}
+            current = {n: params[n] + change[n] for n in names}
+        out = change if self.send == "delta" else current
+        return [out[names[i]] for i in wanted]

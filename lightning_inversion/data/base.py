@@ -1,0 +1,124 @@
+"""The base DataModule: one dataset, its normalisation, and the private images an attack targets."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class MissingDataError(RuntimeError):
+    """Data or weights that are not on this machine and cannot be fetched; the message says how to provide them."""
+
+
+class VisionData(pl.LightningDataModule):
+    """A classification dataset with what the victim and the attack need to know about it.
+
+    Subclasses set ``mean``, ``std``, ``num_classes`` and ``image_shape`` (``(C, H, W)``) and implement
+    :meth:`train_set` and :meth:`target_set` (datasets yielding ``(normalised image, label)``).
+
+    Args:
+        root: where the dataset lives or is downloaded to.
+        batch_size: batch size for training a victim.
+        num_workers: data-loader worker processes.
+        target_indices: the attack targets, as indices into the target split (validation/test). Overrides
+            ``num_images`` and ``start_index``.
+        num_images: the number of attack targets B (one client batch).
+        start_index: the first target index when ``target_indices`` is not given.
+        distinct_labels: pick ``num_images`` targets with pairwise different labels, scanning from
+            ``start_index``.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        target_indices: list[int] | None = None,
+        num_images: int = 1,
+        start_index: int = 0,
+        distinct_labels: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.target_indices = target_indices
+        self.num_images = num_images
+        self.start_index = start_index
+        self.distinct_labels = distinct_labels
+
+    # --- what subclasses provide -------------------------------------------------------------------------
+    def train_set(self) -> Dataset:
+        """The training split (with augmentation), for training a victim."""
+        raise NotImplementedError(f"{type(self).__name__} has no training split")
+
+    def val_set(self) -> Dataset:
+        """The held-out split for validating a victim; by default the target split."""
+        return self.target_set()
+
+    def target_set(self) -> Dataset:
+        """The split attack targets come from (a validation or test split, no augmentation)."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------------
+    @property
+    def batch_images(self) -> int:
+        """B, the number of private images the client holds."""
+        return len(self.target_indices) if self.target_indices else self.num_images
+
+    def target_index_list(self, dataset: Dataset) -> list[int]:
+        """The indices of the attack targets in ``dataset``."""
+        n = len(dataset)
+        if self.target_indices:
+            bad = [i for i in self.target_indices if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"target indices {bad} are out of range for a split of {n} images")
+            return list(self.target_indices)
+        if not self.distinct_labels:
+            if self.start_index + self.num_images > n:
+                raise ValueError(
+                    f"{self.num_images} targets from index {self.start_index} exceed the split's {n} images"
+                )
+            return list(range(self.start_index, self.start_index + self.num_images))
+        chosen, seen = [], set()
+        for i in range(self.start_index, n):
+            label = int(dataset[i][1])
+            if label not in seen:
+                seen.add(label)
+                chosen.append(i)
+                if len(chosen) == self.num_images:
+                    return chosen
+        raise ValueError(f"fewer than {self.num_images} distinct labels from index {self.start_index}")
+
+    def attack_targets(self) -> tuple[Tensor, Tensor]:
+        """The client's private batch: normalised images ``(B, C, H, W)`` and labels ``(B,)``."""
+        dataset = self.target_set()
+        items = [dataset[i] for i in self.target_index_list(dataset)]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items])
+        labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+        return images, labels
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set(),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set(), batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.target_set(), batch_size=self.batch_size, num_workers=self.num_workers)
