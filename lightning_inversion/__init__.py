@@ -1,1 +1,21 @@
-"""lightning-inversion."""
+"""lightning-inversion: how much private data leaks from a federated-learning client's update.
+
+Gradient inversion (Geiping et al. 2020, "Inverting Gradients") as a Lightning module, with the simulated
+client, label recovery and closed-form recovery beside it.
+"""
+
+from .api import reconstruct
+from .attack import GradientInversion, Reconstruction
+from .client import Client, Update
+from .victims import build_victim, list_victims
+
+__all__ = [
+    "Client",
+    "GradientInversion",
+    "Reconstruction",
+    "Update",
+    "build_victim",
+    "list_victims",
+    "reconstruct",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,462 @@
+"""The attack: gradient inversion as a LightningModule whose parameters are the dummy images.
+
+Geiping, Bauermeister, Dröge, Moeller, "Inverting Gradients — How easy is it to break privacy in federated
+learning?", NeurIPS 2020. The training step is the gradient-matching objective (cosine + total variation by
+default), optimised with signed Adam under a box constraint, from several random restarts at once.
+
+Layout of the state:
+    dummy_images  (R, B, C, H, W)  nn.Parameter, normalised input space of the victim
+    dummy_labels  (R, B, K)        nn.Parameter, DLG soft-label logits (label_strategy="dlg" only)
+    target_labels (B,)             buffer, the labels the attacker knows or recovered
+    restart_steps (R,)             buffer, optimisation steps each restart ran (a restart with 0 never wins)
+
+The update the attack matches (the target gradient) is set with :meth:`GradientInversion.set_target` and saved in
+every checkpoint, so resuming never needs the private data. The module never sees ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+
+from .client import Client, Update
+from .images import IMAGENET_MEAN, IMAGENET_STD, box_bounds, denormalize, median_filter3x3, project_box
+from .labels import batch_label_counts, idlg_label
+from .objectives import Cost, GradientMatching, LayerSelection, LayerWeighting, decay_milestones, total_variation
+
+log = logging.getLogger(__name__)
+
+LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
+RestartSelection = Literal["matching", "tv", "mean", "median"]
+Init = Literal["randn", "rand", "zeros"]
+OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+
+
+class TargetMismatchError(ValueError):
+    """The update does not fit the victim (a tensor's count, name or shape, or the protocol)."""
+
+
+@dataclass
+class Reconstruction:
+    """The outcome of an attack.
+
+    Attributes:
+        images: the chosen (or combined) reconstruction, de-normalised and clamped to [0, 1], ``(B, C, H, W)``.
+        labels: the labels the attack used or recovered, ``(B,)``.
+        restarts: every restart, de-normalised and clamped to [0, 1], ``(R, B, C, H, W)``.
+        stats: per-restart scores, the chosen restart, steps and seconds.
+        metrics: the report's measurements against ground truth, when it was known.
+    """
+
+    images: Tensor
+    labels: Tensor
+    restarts: Tensor
+    stats: dict = field(default_factory=dict)
+    metrics: dict | None = None
+
+
+class _StepTicks(Dataset):
+    """The attack has no data to iterate over: one dummy item per optimisation step drives the Trainer."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.zeros(())
+
+
+class GradientInversion(pl.LightningModule):
+    """Reconstruct a client's private images from the update it shared.
+
+    Args:
+        victim: the shared model: a name from ``lightning_inversion.victims.list_victims()`` or any ``nn.Module``.
+            Its parameters are frozen (``requires_grad=False``); the attack differentiates the client's update
+            functionally.
+        num_classes: classes of the victim (set from the data by the CLI).
+        image_shape: ``(C, H, W)`` of the victim's input (set from the data by the CLI).
+        mean: per-channel normalisation mean of the victim's input (set from the data by the CLI).
+        std: per-channel normalisation std (set from the data by the CLI).
+        num_images: B, the number of images in the client's batch (set from the data by the CLI).
+        restarts: R independent trials, optimised together as a batch axis; the best one wins.
+        cost: the gradient-matching cost: ``sim`` (the paper's global cosine), ``l2`` (DLG), ``l1``, ``max``,
+            ``simlocal`` (per-tensor cosines).
+        layers: which gradient tensors to compare: ``all``, ``first``/``last`` k, ``topk`` k by target-gradient
+            norm, or an explicit ``list``.
+        layers_k: k for ``first``, ``last`` and ``topk``.
+        layer_indices: the tensor indices for ``layers: list``.
+        layer_weights: weights of the compared tensors: ``equal``, ``linear`` ((L−i)/L) or ``exp`` (e^−i).
+        tv: weight of the total-variation prior (about 1e-2 for CIFAR in the paper; 0 disables it).
+        signed: feed the optimiser the sign of the image gradient (the paper's signed Adam).
+        boxed: clamp the dummy images to the valid pixel range [0, 1] after every step.
+        init: initial dummy images: ``randn``, ``rand`` (uniform in [−1, 1]) or ``zeros``.
+        optimizer: the optimiser class (or callable) over the dummy images (and soft labels) only, e.g.
+            ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``.
+        lr: the optimiser's learning rate (passed to ``optimizer`` as ``lr``).
+        lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of ``trainer.max_steps``.
+        median_filter_every: apply a 3×3 median filter to the dummy images every this many steps (0: never).
+        label_strategy: ``given`` (labels shared with the update), ``idlg`` (recovered from the last layer, one
+            image), ``batch`` (label counts recovered from the last layer, any B), ``dlg`` (soft labels optimised
+            jointly with the images, one per image and restart).
+        restart_selection: how the final images are chosen without ground truth: the restart with the lowest
+            ``matching`` cost (without TV) or the lowest ``tv``; or the per-pixel ``mean``/``median`` over valid
+            restarts. A restart whose score is NaN, or that never ran, never wins.
+        client: the client's protocol (FedSGD gradient or FedAvg local steps), known to the server. ``None``:
+            FedSGD in eval mode.
+        pretrained: with a victim given by name, load its pretrained weights (torchvision models).
+        victim_weights: with a victim given by name, a state-dict file (``.pt`` or ``.safetensors``) to load.
+        seed: restart r starts from images drawn with seed ``seed + r``, so R batched restarts equal R separate
+            runs with seeds seed, seed+1, …
+    """
+
+    def __init__(
+        self,
+        victim: str | nn.Module = "ConvNet-16",
+        num_classes: int = 8,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        num_images: int = 1,
+        restarts: int = 1,
+        cost: Cost = "sim",
+        layers: LayerSelection = "all",
+        layers_k: int | None = None,
+        layer_indices: list[int] | None = None,
+        layer_weights: LayerWeighting = "equal",
+        tv: float = 1e-2,
+        signed: bool = True,
+        boxed: bool = True,
+        init: Init = "randn",
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr: float = 0.1,
+        lr_decay: bool = True,
+        median_filter_every: int = 0,
+        label_strategy: LabelStrategy = "given",
+        restart_selection: RestartSelection = "matching",
+        client: Client | None = None,
+        pretrained: bool = False,
+        victim_weights: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if len(mean) != image_shape[0] or len(std) != image_shape[0]:
+            raise ValueError(f"mean {mean} and std {std} must have one value per channel of {image_shape}")
+        ignore = ["client", "optimizer"] + ([] if isinstance(victim, str) else ["victim"])
+        self.save_hyperparameters(ignore=ignore)
+        if isinstance(victim, str):
+            from .victims import build_victim
+
+            victim = build_victim(
+                victim, num_classes, tuple(image_shape), pretrained=pretrained, weights_path=victim_weights
+            )
+        self.victim = victim.requires_grad_(False)
+        self.client = client or Client()
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_images, self.restarts = num_images, restarts
+        self.cost, self.layers, self.layers_k, self.layer_indices = cost, layers, layers_k, layer_indices
+        self.layer_weighting = layer_weights
+        self.tv, self.signed, self.boxed, self.init = tv, signed, boxed, init
+        self.optimizer_factory, self.lr, self.lr_decay = optimizer, lr, lr_decay
+        self.median_filter_every = median_filter_every
+        self.label_strategy, self.restart_selection, self.seed = label_strategy, restart_selection, seed
+
+        images, soft_labels = [], []
+        for r in range(restarts):
+            gen = torch.Generator().manual_seed(seed + r)
+            images.append(self._initial_images(gen))
+            if label_strategy == "dlg":
+                soft_labels.append(torch.randn(num_images, num_classes, generator=gen))
+        self.dummy_images = nn.Parameter(torch.stack(images))  # (R, B, C, H, W)
+        self.dummy_labels = nn.Parameter(torch.stack(soft_labels)) if label_strategy == "dlg" else None
+        self.register_buffer("target_labels", torch.zeros(num_images, dtype=torch.long))
+        self.register_buffer("restart_steps", torch.zeros(restarts, dtype=torch.long))
+        self.update: Update | None = None
+        self._local: Tensor = torch.arange(restarts)  # the restarts this process optimises
+        self.last_cost = torch.full((restarts,), math.nan)  # each restart's latest matching cost (no TV)
+        self.reconstruction: Reconstruction | None = None
+        self._started: float | None = None
+        self._seconds = 0.0
+
+    # --- setting up ---------------------------------------------------------------------------------------
+    def _initial_images(self, gen: torch.Generator) -> Tensor:
+        shape = (self.num_images, *self.image_shape)
+        if self.init == "randn":
+            return torch.randn(shape, generator=gen)
+        if self.init == "rand":
+            return torch.rand(shape, generator=gen) * 2 - 1
+        return torch.zeros(shape)
+
+    def set_target(self, update: Update) -> None:
+        """Set the update to invert; checks it against the victim and recovers labels if asked to."""
+        params = list(self.victim.named_parameters())
+        if len(update.tensors) != len(params):
+            raise TargetMismatchError(
+                f"the update has {len(update.tensors)} tensors but the victim has {len(params)} parameters"
+            )
+        for i, ((name, p), t) in enumerate(zip(params, update.tensors, strict=True)):
+            if t.shape != p.shape:
+                raise TargetMismatchError(
+                    f"update tensor {i} ({name}) has shape {tuple(t.shape)}, the victim expects {tuple(p.shape)}"
+                )
+        if update.kind != self.client.kind:
+            raise TargetMismatchError(
+                f"the update is a {update.kind!r} but the client protocol {self.client.protocol!r} sends "
+                f"{self.client.kind!r}: set the client's protocol/send options to match the update"
+            )
+        if update.num_images is not None and update.num_images != self.num_images:
+            raise TargetMismatchError(
+                f"the update comes from {update.num_images} images but the attack reconstructs {self.num_images}"
+            )
+        self.update = update
+        labels = self._labels_for(update)
+        if labels is not None:
+            self.target_labels.copy_(labels.to(self.target_labels.device))
+
+    def _labels_for(self, update: Update) -> Tensor | None:
+        if self.label_strategy == "dlg":
+            return None
+        if self.label_strategy == "given":
+            if update.labels is None:
+                raise ValueError(
+                    "the labels are not known: pass them with the update, or choose label_strategy "
+                    "'idlg' (one image), 'batch' or 'dlg'"
+                )
+            if update.labels.shape != (self.num_images,):
+                raise ValueError(f"labels of shape {tuple(update.labels.shape)}, expected ({self.num_images},)")
+            return update.labels.long()
+        weight, bias = self._last_linear_gradients(update)
+        if self.label_strategy == "idlg":
+            if self.num_images != 1:
+                raise ValueError("iDLG recovers the label of one image; use label_strategy 'batch' for B > 1")
+            return torch.tensor([idlg_label(weight, update.kind)])
+        return batch_label_counts(weight, bias, self.num_images, update.kind)
+
+    def _last_linear_gradients(self, update: Update) -> tuple[Tensor, Tensor | None]:
+        """The last layer's weight (and bias) entries of the update, found as the last (K, D) tensor."""
+        tensors = update.tensors
+        if update.kind == "weights":
+            tensors = [t - p.to(t) for t, p in zip(tensors, self.victim.parameters(), strict=True)]
+        for i in range(len(tensors) - 1, -1, -1):
+            t = tensors[i]
+            if t.dim() == 2 and t.shape[0] == self.num_classes:
+                has_bias = i + 1 < len(tensors) and tensors[i + 1].shape == (self.num_classes,)
+                return t, tensors[i + 1] if has_bias else None
+        raise ValueError(f"no {self.num_classes}-row linear layer found in the update for label recovery")
+
+    def setup(self, stage: str) -> None:
+        if self.update is None:
+            raise RuntimeError("no target update: call set_target(update) before fitting")
+        world, rank = 1, 0
+        if self._trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        self._local = torch.arange(self.restarts).tensor_split(world)[rank]
+        self._world = world
+
+    def on_fit_start(self) -> None:
+        update = self.update.to(self.device)
+        self.update = update
+        # The objective holds the target's selection and norms, prepared once; kept out of the module tree so
+        # that DDP never broadcasts the target gradient as a buffer.
+        self.__dict__["objective"] = GradientMatching(
+            update.tensors, self.cost, self.layers, self.layers_k, self.layer_indices, self.layer_weighting
+        ).to(self.device)
+        low, high = box_bounds(self.mean, self.std, self.dummy_images)
+        self.__dict__["_box"] = (low, high)
+        self.last_cost = self.last_cost.to(self.device)
+
+    # --- the objective -------------------------------------------------------------------------------------
+    def dummy_update(self, images: Tensor, labels: Tensor) -> list[Tensor]:
+        """The client's update for each restart's dummy images, for the compared tensors only.
+
+        Args:
+            images: ``(r, B, C, H, W)`` dummy images.
+            labels: ``(B,)`` hard labels, or ``(r, B, K)`` soft-label logits.
+
+        Returns:
+            one ``(r, *shape)`` tensor per compared victim parameter.
+        """
+        params = dict(self.victim.named_parameters())
+        buffers = dict(self.victim.named_buffers())
+        only = self.objective.indices
+        soft = labels.dim() == 3
+        train_mode = self.client.train_mode
+        r = images.shape[0]
+
+        def one(x: Tensor, y: Tensor, b: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            return tuple(self.client.simulate(self.victim, params, b, x, y, only=only))
+
+        if r == 1:  # a single restart does not pay for batching
+            b = {k: v.clone() for k, v in buffers.items()} if train_mode else buffers
+            return [g.unsqueeze(0) for g in one(images[0], labels[0] if soft else labels, b)]
+        if train_mode:  # BatchNorm updates its statistics in place: give each restart its own copy
+            buffers = {k: v.expand(r, *v.shape).clone() for k, v in buffers.items()}
+        in_dims = (0, 0 if soft else None, 0 if train_mode else None)
+        return list(torch.func.vmap(one, in_dims=in_dims, randomness="different")(images, labels, buffers))
+
+    def restart_costs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Matching cost and total variation of each restart, both ``(r,)`` in fp32."""
+        dummy = self.dummy_update(images, labels)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.objective(dummy), total_variation(images.float())
+
+    def _labels(self, idx: Tensor) -> Tensor:
+        return self.target_labels if self.dummy_labels is None else self.dummy_labels[idx]
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        idx = self._local.to(self.device)
+        if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
+            return self.dummy_images.sum() * 0
+        everything = len(idx) == self.restarts
+        images = self.dummy_images if everything else self.dummy_images[idx]
+        cost, tv = self.restart_costs(images, self._labels(idx))
+        loss = cost + self.tv * tv  # (r,)
+        with torch.no_grad():
+            self.last_cost[idx] = cost.detach()
+            # Every restart takes part in every step (on some process), so all counters advance together.
+            self.restart_steps += 1
+        self.log("train/matching_cost", cost.detach().min(), prog_bar=True)
+        self.log("train/loss", loss.detach().mean())
+        self.log("train/tv", tv.detach().mean())
+        # DDP averages gradients over processes: each slice comes from one process, so scale by the world size.
+        return loss.sum() * self._world
+
+    def _optimized(self) -> list[Tensor]:
+        return [self.dummy_images] + ([self.dummy_labels] if self.dummy_labels is not None else [])
+
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        loss.backward(inputs=self._optimized())  # the victim never accumulates .grad
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self.signed:
+            for p in self._optimized():
+                if p.grad is not None:
+                    p.grad.sign_()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            if self.median_filter_every and (self.global_step + 1) % self.median_filter_every == 0:
+                self.dummy_images.copy_(median_filter3x3(self.dummy_images))
+            if self.boxed:
+                self.dummy_images.copy_(project_box(self.dummy_images, *self._box))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self._optimized(), lr=self.lr)
+        if self.signed and isinstance(optimizer, torch.optim.LBFGS):
+            log.warning("signed gradients with L-BFGS break its line search; consider signed=False")
+        if not self.lr_decay:
+            return optimizer
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise ValueError("set trainer.max_steps: the learning-rate decay is placed at 3/8, 5/8, 7/8 of it")
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, decay_milestones(max_steps), gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
+        return DataLoader(_StepTicks(steps), batch_size=None, num_workers=0)
+
+    def train(self, mode: bool = True) -> GradientInversion:
+        super().train(mode)
+        self.victim.train(self.client.train_mode)  # the client's mode, whatever the Trainer asks
+        return self
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.update is not None:
+            checkpoint["target_update"] = self.update.state_dict()
+        checkpoint["attack_seconds"] = self._elapsed()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "target_update" in checkpoint:
+            self.update = Update.from_state_dict(checkpoint["target_update"])
+        self._seconds = float(checkpoint.get("attack_seconds", 0.0))
+
+    # --- the end: scoring restarts without ground truth ----------------------------------------------------
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        return self._seconds + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_end(self) -> None:
+        self._seconds = self._elapsed()
+        self._started = None
+        self.reconstruction = self.reconstruct_result(sync=True)
+
+    @torch.no_grad()
+    def restart_scores(self, sync: bool = False) -> Tensor:
+        """Each restart's score for selection (lower is better), ``(R,)``; NaN or never-run restarts get +inf."""
+        scores = torch.zeros(self.restarts, device=self.dummy_images.device)
+        idx = self._local.to(scores.device)
+        if len(idx):
+            images = self.dummy_images[idx]
+            if self.restart_selection == "tv":
+                scores[idx] = total_variation(images.float())
+            else:
+                with torch.enable_grad():
+                    cost, _ = self.restart_costs(images, self._labels(idx))
+                scores[idx] = cost.detach()
+        if sync and self._trainer is not None and self.trainer.world_size > 1:
+            scores = self.trainer.strategy.reduce(scores, reduce_op="sum")
+        steps = self.restart_steps
+        return torch.where(torch.isfinite(scores) & (steps > 0), scores, torch.full_like(scores, math.inf))
+
+    def reconstruct_result(self, sync: bool = False) -> Reconstruction:
+        """Score the restarts and build the :class:`Reconstruction` (images de-normalised to [0, 1])."""
+        if "objective" not in self.__dict__:
+            self.on_fit_start()
+        scores = self.restart_scores(sync)
+        steps = self.restart_steps
+        restarts = denormalize(self.dummy_images.detach().float(), self.mean, self.std).clamp(0, 1)
+        valid = torch.isfinite(scores)
+        chosen: int | None = None
+        if not valid.any():
+            log.error("no restart has a finite score (all NaN or never run): no reconstruction is chosen")
+            images = torch.full_like(restarts[0], math.nan)
+        elif self.restart_selection in ("mean", "median"):
+            kept = restarts[valid]
+            images = kept.mean(0) if self.restart_selection == "mean" else kept.median(0).values
+        else:
+            chosen = int(scores.argmin())
+            images = restarts[chosen]
+        if self.dummy_labels is not None:
+            pick = chosen if chosen is not None else 0
+            labels = self.dummy_labels[pick].detach().argmax(-1)
+        else:
+            labels = self.target_labels.clone()
+        stats = {
+            "scores": [float(s) for s in scores.cpu()],
+            "chosen_restart": chosen,
+            "restart_selection": self.restart_selection,
+            "restart_steps": [int(s) for s in steps.cpu()],
+            "steps": int(steps.max()) if len(steps) else 0,
+            "seconds": round(self._seconds, 3),
+        }
+        return Reconstruction(images.cpu(), labels.cpu(), restarts.cpu(), stats)
+
+
+def dummy_images_as_pixels(module: GradientInversion, idx: Sequence[int] | None = None) -> Tensor:
+    """The current dummy images de-normalised and clamped to [0, 1], ``(R, B, C, H, W)`` (or selected restarts)."""
+    images = module.dummy_images.detach().float()
+    if idx is not None:
+        images = images[list(idx)]
+    return denormalize(images, module.mean, module.std).clamp(0, 1)
