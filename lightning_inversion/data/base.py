@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -16,7 +18,8 @@ class VisionData(pl.LightningDataModule):
     """A classification dataset with what the victim and the attack need to know about it.
 
     Subclasses set ``mean``, ``std``, ``num_classes`` and ``image_shape`` (``(C, H, W)``) and implement
-    :meth:`train_set` and :meth:`target_set` (datasets yielding ``(normalised image, label)``).
+    :meth:`train_set` and :meth:`target_set` (datasets yielding ``(normalised image, label)``), usually through
+    :meth:`_cached` so each split is opened once per DataModule.
 
     Args:
         root: where the dataset lives or is downloaded to.
@@ -55,6 +58,7 @@ class VisionData(pl.LightningDataModule):
         self.num_images = num_images
         self.start_index = start_index
         self.distinct_labels = distinct_labels
+        self._splits: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------------------
     def train_set(self) -> Dataset:
@@ -70,6 +74,12 @@ class VisionData(pl.LightningDataModule):
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------
+    def _cached(self, name: str, build: Callable[[], Dataset]) -> Dataset:
+        """The split ``name``, built by ``build`` on first use and kept for later calls."""
+        if name not in self._splits:
+            self._splits[name] = build()
+        return self._splits[name]
+
     @property
     def batch_images(self) -> int:
         """B, the number of private images the client holds."""
@@ -89,9 +99,11 @@ class VisionData(pl.LightningDataModule):
                     f"{self.num_images} targets from index {self.start_index} exceed the split's {n} images"
                 )
             return list(range(self.start_index, self.start_index + self.num_images))
+        # Read labels from the dataset's label list when it has one, so the scan decodes no images.
+        targets = getattr(dataset, "targets", None)
         chosen, seen = [], set()
         for i in range(self.start_index, n):
-            label = int(dataset[i][1])
+            label = int(targets[i]) if targets is not None else int(dataset[i][1])
             if label not in seen:
                 seen.add(label)
                 chosen.append(i)
