@@ -1,0 +1,59 @@
+"""Loading victim weights from local files or torchvision's hub cache, with clear errors when offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+
+class MissingWeightsError(RuntimeError):
+    """Requested weights are not on this machine (and cannot be downloaded)."""
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch.hub caches (and looks for) the file behind ``url``: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Load a state dict from a local ``.pt``/``.pth`` (tensors only) or ``.safetensors`` file.
+
+    A checkpoint dict with a ``"state_dict"`` entry is unwrapped.
+
+    Raises:
+        MissingWeightsError: The file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"weights file not found: {path.resolve()}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def load_pretrained_state_dict(weights: Any) -> dict[str, Tensor]:
+    """Load a torchvision weights enum's state dict from the hub cache, downloading it if it is absent.
+
+    Raises:
+        MissingWeightsError: The file is absent and the download failed; the message says where to put it.
+    """
+    try:
+        return weights.get_state_dict(progress=True, weights_only=True)
+    except OSError as error:  # URLError, HTTPError, timeouts, refused connections
+        target = hub_checkpoint_path(weights.url)
+        if target.is_file():
+            raise
+        raise MissingWeightsError(
+            f"pretrained weights {target.name} are not on this machine and could not be downloaded ({error}). "
+            f"Download {weights.url} on a connected machine and copy it to {target}"
+        ) from None
