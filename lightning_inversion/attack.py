@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
-Init = Literal["randn", "rand", "zeros"]
+Init = Literal["randn", "rand", "zeros", "analytic"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
 
@@ -101,7 +101,11 @@ class GradientInversion(pl.LightningModule):
         tv: weight of the total-variation prior (about 1e-2 for CIFAR in the paper; 0 disables it).
         signed: feed the optimiser the sign of the image gradient (the paper's signed Adam).
         boxed: clamp the dummy images to the valid pixel range [0, 1] after every step.
-        init: initial dummy images: ``randn``, ``rand`` (uniform in [−1, 1]) or ``zeros``.
+        init: initial dummy images: ``randn``, ``rand`` (uniform in [−1, 1]), ``zeros``, or ``analytic``: the
+            closed-form recovery through the victim's first biased linear layer (Phong et al. 2017; §4 of the
+            paper). When that layer reads the image itself (an MLP) the image is recovered exactly, without a
+            single optimisation step (run with ``trainer.max_steps 0``); otherwise the layer's input features are
+            recovered (``analytic_features``, measured by the report) and the images start from ``randn``.
         optimizer: the optimiser class (or callable) over the dummy images (and soft labels) only, e.g.
             ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``.
         lr: the optimiser's learning rate (passed to ``optimizer`` as ``lr``).
@@ -192,6 +196,8 @@ class GradientInversion(pl.LightningModule):
         self._local: Tensor = torch.arange(restarts)  # the restarts this process optimises
         self.last_cost = torch.full((restarts,), math.nan)  # each restart's latest matching cost (no TV)
         self.reconstruction: Reconstruction | None = None
+        self.analytic_features: Tensor | None = None  # the closed-form input of the first linear layer
+        self.analytic_exact = False  # whether those are the images themselves
         self._started: float | None = None
         self._seconds = 0.0
 
@@ -202,7 +208,38 @@ class GradientInversion(pl.LightningModule):
             return torch.randn(shape, generator=gen)
         if self.init == "rand":
             return torch.rand(shape, generator=gen) * 2 - 1
-        return torch.zeros(shape)
+        if self.init == "zeros":
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=gen)  # "analytic" starts here and is replaced in set_target
+
+    def _analytic_init(self, update: Update) -> None:
+        from .analytic import recover_inputs
+
+        layer, _ = self.analytic_layer
+        features, is_mixture = recover_inputs(self.victim, update, layer)
+        self.analytic_features = features
+        self.analytic_exact = features.numel() == math.prod(self.image_shape) and not is_mixture
+        if self.analytic_exact:
+            with torch.no_grad():
+                self.dummy_images.copy_(features.view(self.image_shape).expand_as(self.dummy_images))
+        else:
+            log.warning(
+                "closed-form recovery gives the %d inputs of layer %r%s, not the image: the images are optimised",
+                features.numel(),
+                layer,
+                " (a mixture of the batch's inputs)" if is_mixture else "",
+            )
+
+    @property
+    def analytic_layer(self) -> tuple[str, int]:
+        """The first biased linear layer of the victim (its module name, and its weight's parameter index)."""
+        from .analytic import find_linear_layers
+
+        layers = find_linear_layers(self.victim)
+        if not layers:
+            raise ValueError("init 'analytic' needs a victim with a biased nn.Linear layer")
+        name, weight_index, _ = layers[0]
+        return name, weight_index
 
     def set_target(self, update: Update) -> None:
         """Set the update to invert; checks it against the victim and recovers labels if asked to."""
@@ -226,6 +263,8 @@ class GradientInversion(pl.LightningModule):
                 f"the update comes from {update.num_images} images but the attack reconstructs {self.num_images}"
             )
         self.update = update
+        if self.init == "analytic":
+            self._analytic_init(update)
         labels = self._labels_for(update)
         if labels is not None:
             self.target_labels.copy_(labels.to(self.target_labels.device))
@@ -365,7 +404,7 @@ class GradientInversion(pl.LightningModule):
         if not self.lr_decay:
             return optimizer
         max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps < 1:
+        if max_steps is None or max_steps < 0:
             raise ValueError("set trainer.max_steps: the learning-rate decay is placed at 3/8, 5/8, 7/8 of it")
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, decay_milestones(max_steps), gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -417,8 +456,8 @@ class GradientInversion(pl.LightningModule):
                 scores[idx] = cost.detach()
         if sync and self._trainer is not None and self.trainer.world_size > 1:
             scores = self.trainer.strategy.reduce(scores, reduce_op="sum")
-        steps = self.restart_steps
-        return torch.where(torch.isfinite(scores) & (steps > 0), scores, torch.full_like(scores, math.inf))
+        ran = (self.restart_steps > 0) | self.analytic_exact  # a closed-form result needs no step
+        return torch.where(torch.isfinite(scores) & ran, scores, torch.full_like(scores, math.inf))
 
     def reconstruct_result(self, sync: bool = False) -> Reconstruction:
         """Score the restarts and build the :class:`Reconstruction` (images de-normalised to [0, 1])."""

@@ -56,17 +56,32 @@ class InversionCLI(LightningCLI):
             parser.add_class_arguments(Client, "client", fail_untyped=True)
             parser.link_arguments("client", "model.client", apply_on="instantiate")
             parser.add_lightning_class_args(InversionReport, "report")
+            parser.add_argument(
+                "--update",
+                type=str | None,
+                default=None,
+                help="Attack an update saved by another program (.safetensors, or a .pt dict/list of tensors, "
+                "loaded without unpickling code) instead of simulating the client on the data's private batch. "
+                "The data then only sets image shape, classes and normalisation; the client options say what "
+                "the update is (gradient, or FedAvg delta/weights).",
+            )
             parser.set_defaults({"trainer.max_steps": 4800})
 
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
         if not self.attack:
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
             return
-        client: Client = self.config_init[self.subcommand]["client"]
+        config = self.config_init[self.subcommand]
+        client: Client = config["client"]
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
-        images, labels = datamodule.attack_targets()  # the client's private batch, normalised
-        model.set_target(client.update(model.victim, images, labels))
-        report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+        if config.get("update"):
+            from .update_io import load_update
+
+            model.set_target(load_update(config["update"], model.victim, kind=client.kind))
+        else:
+            images, labels = datamodule.attack_targets()  # the client's private batch, normalised
+            model.set_target(client.update(model.victim, images, labels))
+            report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
         self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
 
 

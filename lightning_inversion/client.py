@@ -91,6 +91,8 @@ class Client:
         send: FedAvg: send the change ``θ_K − θ_0`` (``delta``) or the new weights ``θ_K`` (``weights``).
         train_mode: run the victim in training mode (BatchNorm on batch statistics). The paper's default, and
             ours, is eval mode.
+        num_clients: secure aggregation: the private batch is split into this many equal client batches, each
+            client computes its own update, and the server sees only their average.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Client:
         local_epochs: int | None = None,
         send: Literal["delta", "weights"] = "delta",
         train_mode: bool = False,
+        num_clients: int = 1,
     ) -> None:
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
@@ -114,6 +117,9 @@ class Client:
         self.local_epochs = local_epochs
         self.send = send
         self.train_mode = train_mode
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.num_clients = num_clients
 
     @property
     def kind(self) -> UpdateKind:
@@ -124,6 +130,12 @@ class Client:
         if self.local_epochs is None:
             return self.local_steps
         return self.local_epochs * math.ceil(num_images / (self.local_batch_size or num_images))
+
+    def split(self, num_images: int) -> int:
+        """Images per client under aggregation; the batch must split evenly."""
+        if num_images % self.num_clients:
+            raise ValueError(f"{num_images} images do not split evenly over {self.num_clients} clients")
+        return num_images // self.num_clients
 
     def update(self, victim: nn.Module, images: Tensor, labels: Tensor) -> Update:
         """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,)."""
@@ -138,6 +150,7 @@ class Client:
             self.kind,
             labels=labels.detach().clone(),
             num_images=images.shape[0],
+            num_clients=self.num_clients,
             meta={"protocol": self.protocol, "local_lr": self.local_lr, "local_steps": self.steps_for(len(images))},
         )
 
@@ -161,8 +174,26 @@ class Client:
             only: indices of the parameters whose update is wanted (all if ``None``).
 
         Returns:
-            The update tensors, one per requested parameter.
+            The update tensors, one per requested parameter (the average over clients under aggregation).
         """
+        if self.num_clients > 1:
+            per_client = self.split(images.shape[0])
+            updates = [
+                self._simulate_one(victim, params, buffers, x, y, only)
+                for x, y in zip(images.split(per_client), labels.split(per_client), strict=True)
+            ]
+            return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
+        return self._simulate_one(victim, params, buffers, images, labels, only)
+
+    def _simulate_one(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        only: Sequence[int] | None,
+    ) -> list[Tensor]:
         victim.train(self.train_mode)
         names = list(params)
         wanted = range(len(names)) if only is None else only

@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from .attack import GradientInversion, Reconstruction, dummy_images_as_pixels
+from .images import normalize
 from .metrics import LPIPSMetric, evaluate, match_to_truth, psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,11 @@ class InversionReport(pl.Callback):
         return Path(trainer.log_dir) if trainer.log_dir and trainer.loggers else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: GradientInversion) -> None:
-        result = pl_module.reconstruction
-        if result is None or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
+        result = pl_module.reconstruction
+        if result is None:  # no optimisation step ran (max_steps 0, e.g. a closed-form recovery)
+            result = pl_module.reconstruction = pl_module.reconstruct_result()
         self.metrics = self.measure(result, pl_module)
         folder = self.output_folder(trainer)
         if folder is not None:
@@ -106,7 +109,22 @@ class InversionReport(pl.Callback):
                     lpips=LPIPSMetric() if self.lpips else None,
                 )
             )
+        if self.truth is not None and pl_module.analytic_features is not None:
+            metrics["analytic_feature_error"] = self._feature_error(pl_module)
         return metrics
+
+    def _feature_error(self, pl_module: GradientInversion) -> float:
+        """Max abs error of the closed-form features against the true input of that layer (first image)."""
+        name, _ = pl_module.analytic_layer
+        seen = []
+        layer = pl_module.victim.get_submodule(name)
+        handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+        device = next(pl_module.victim.parameters()).device
+        with torch.no_grad():
+            pl_module.victim(normalize(self.truth[:1], pl_module.mean, pl_module.std).to(device))
+        handle.remove()
+        true = seen[0].flatten().cpu()
+        return float((pl_module.analytic_features.flatten().cpu() - true).abs().max())
 
     def write(self, folder: Path, result: Reconstruction) -> None:
         folder.mkdir(parents=True, exist_ok=True)
