@@ -88,7 +88,9 @@ def reconstruct(
         names = [n for n, _ in model.named_parameters()]
         update = Update([g.detach() for g in target_gradient], names, client.kind, labels, num_images)
     if "label_strategy" not in options:
-        options["label_strategy"] = "given" if update.labels is not None else ("idlg" if num_images == 1 else "batch")
+        options["label_strategy"] = (
+            "given" if update.labels is not None else ("idlg" if num_images == 1 else "batch")
+        )
 
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training

@@ -32,7 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 from .client import Client, Update
 from .images import IMAGENET_MEAN, IMAGENET_STD, box_bounds, denormalize, median_filter3x3, project_box
 from .labels import batch_label_counts, idlg_label
-from .objectives import Cost, GradientMatching, LayerSelection, LayerWeighting, decay_milestones, total_variation
+from .objectives import (
+    Cost,
+    GradientMatching,
+    LayerSelection,
+    LayerWeighting,
+    decay_milestones,
+    total_variation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,9 @@ class GradientInversion(pl.LightningModule):
             FedSGD in eval mode.
         pretrained: with a victim given by name, load its pretrained weights (torchvision models).
         victim_weights: with a victim given by name, a state-dict file (``.pt`` or ``.safetensors``) to load.
+        victim_checkpoint: a checkpoint written by ``train_victim.py``: the victim's architecture and weights come
+            from it (``victim`` is then ignored), and its classes, image shape and normalisation must agree with
+            the data's.
         seed: restart r starts from images drawn with seed ``seed + r``, so R batched restarts equal R separate
             runs with seeds seed, seed+1, …
     """
@@ -152,6 +162,7 @@ class GradientInversion(pl.LightningModule):
         client: Client | None = None,
         pretrained: bool = False,
         victim_weights: str | None = None,
+        victim_checkpoint: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -163,7 +174,9 @@ class GradientInversion(pl.LightningModule):
             raise ValueError(f"mean {mean} and std {std} must have one value per channel of {image_shape}")
         ignore = ["client", "optimizer"] + ([] if isinstance(victim, str) else ["victim"])
         self.save_hyperparameters(ignore=ignore)
-        if isinstance(victim, str):
+        if victim_checkpoint is not None:
+            victim = self._victim_from_checkpoint(victim_checkpoint, num_classes, image_shape, mean, std)
+        elif isinstance(victim, str):
             from .victims import build_victim
 
             victim = build_victim(
@@ -202,6 +215,27 @@ class GradientInversion(pl.LightningModule):
         self._seconds = 0.0
 
     # --- setting up ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _victim_from_checkpoint(path: str, num_classes: int, image_shape, mean, std) -> nn.Module:
+        from .victims import load_victim_checkpoint
+
+        victim, meta = load_victim_checkpoint(path)
+        expected = {
+            "num_classes": num_classes,
+            "image_shape": tuple(image_shape),
+            "mean": tuple(mean),
+            "std": tuple(std),
+        }
+        found = {k: tuple(meta[k]) if isinstance(meta[k], list | tuple) else meta[k] for k in expected}
+        differ = [k for k in expected if not _same(found[k], expected[k])]
+        if differ:
+            details = ", ".join(f"{k}: checkpoint {found[k]} vs data {expected[k]}" for k in differ)
+            raise TargetMismatchError(
+                f"the victim checkpoint {path} was trained on other data than the attack's ({details}): choose "
+                "the data the victim was trained on"
+            )
+        return victim
+
     def _initial_images(self, gen: torch.Generator) -> Tensor:
         shape = (self.num_images, *self.image_shape)
         if self.init == "randn":
@@ -279,7 +313,9 @@ class GradientInversion(pl.LightningModule):
                     "'idlg' (one image), 'batch' or 'dlg'"
                 )
             if update.labels.shape != (self.num_images,):
-                raise ValueError(f"labels of shape {tuple(update.labels.shape)}, expected ({self.num_images},)")
+                raise ValueError(
+                    f"labels of shape {tuple(update.labels.shape)}, expected ({self.num_images},)"
+                )
             return update.labels.long()
         weight, bias = self._last_linear_gradients(update)
         if self.label_strategy == "idlg":
@@ -405,7 +441,9 @@ class GradientInversion(pl.LightningModule):
             return optimizer
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps < 0:
-            raise ValueError("set trainer.max_steps: the learning-rate decay is placed at 3/8, 5/8, 7/8 of it")
+            raise ValueError(
+                "set trainer.max_steps: the learning-rate decay is placed at 3/8, 5/8, 7/8 of it"
+            )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, decay_milestones(max_steps), gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -491,6 +529,12 @@ class GradientInversion(pl.LightningModule):
             "seconds": round(self._seconds, 3),
         }
         return Reconstruction(images.cpu(), labels.cpu(), restarts.cpu(), stats)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def dummy_images_as_pixels(module: GradientInversion, idx: Sequence[int] | None = None) -> Tensor:

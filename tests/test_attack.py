@@ -52,7 +52,9 @@ def test_reconstruction_quality_beats_init_and_a_broken_objective(tiny_victim, c
     assert result.metrics["psnr"] > THRESHOLD_DB
     assert result.stats["steps"] == 300 and result.stats["chosen_restart"] == 0
     # Neither the initial images nor the wrong sign get there.
-    broken = GradientInversion(tiny_victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, tv=1e-4)
+    broken = GradientInversion(
+        tiny_victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, tv=1e-4
+    )
     assert psnr(dummy_images_as_pixels(broken)[0], cat16).item() < THRESHOLD_DB - 4
     broken.__class__ = WrongSign
     broken.set_target(Client().update(tiny_victim, normalize(cat16, MEAN, STD), torch.tensor([3])))
@@ -69,7 +71,14 @@ def test_api_leaves_the_users_model_as_it_was(tiny_victim, cat16):
 
 def make_attack(victim, pixels, restarts, seed=0, **options):
     attack = GradientInversion(
-        victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, restarts=restarts, seed=seed, **options
+        victim,
+        num_classes=10,
+        image_shape=(3, 16, 16),
+        mean=MEAN,
+        std=STD,
+        restarts=restarts,
+        seed=seed,
+        **options,
     )
     attack.set_target(Client().update(victim, normalize(pixels, MEAN, STD), torch.tensor([3])))
     return attack
@@ -77,7 +86,11 @@ def make_attack(victim, pixels, restarts, seed=0, **options):
 
 def fit(attack, steps):
     trainer = pl.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(attack)
     return attack.reconstruction

@@ -81,7 +81,9 @@ def test_a_typo_fails_at_parse_time(capsys):
 
 
 def test_help_runs_in_a_subprocess():
-    out = subprocess.run([sys.executable, "invert.py", "fit", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "invert.py", "fit", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "--model.restarts" in out.stdout and "--client.protocol" in out.stdout
 

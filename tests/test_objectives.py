@@ -66,7 +66,9 @@ def test_costs_are_batched_over_restarts():
     assert costs[0].item() == pytest.approx(1 - 2 / math.sqrt(18))
     assert costs[1].item() == pytest.approx(1 + 2 / math.sqrt(18))
     assert costs[2].item() == pytest.approx(costs[0].item())  # the cosine ignores scale
-    assert matching_cost([t[None] for t in TARGET], TARGET, [1, 1], "sim").item() == pytest.approx(0, abs=1e-6)
+    assert matching_cost([t[None] for t in TARGET], TARGET, [1, 1], "sim").item() == pytest.approx(
+        0, abs=1e-6
+    )
 
 
 def test_layer_selection():

@@ -23,12 +23,16 @@ def hand_written_fedavg(victim, images, labels, steps, lr, batch):
     start = [p.detach().clone() for p in model.parameters()]
     for step in range(steps):
         i = step % (len(images) // batch)
-        loss = F.cross_entropy(model(images[i * batch : (i + 1) * batch]), labels[i * batch : (i + 1) * batch])
+        loss = F.cross_entropy(
+            model(images[i * batch : (i + 1) * batch]), labels[i * batch : (i + 1) * batch]
+        )
         grads = torch.autograd.grad(loss, list(model.parameters()))
         with torch.no_grad():
             for p, g in zip(model.parameters(), grads):
                 p -= lr * g
-    return [p.detach() - s for p, s in zip(model.parameters(), start)], [p.detach() for p in model.parameters()]
+    return [p.detach() - s for p, s in zip(model.parameters(), start)], [
+        p.detach() for p in model.parameters()
+    ]
 
 
 @pytest.mark.parametrize("batch", [2, 4])
@@ -123,4 +127,6 @@ def test_an_update_file_from_outside_is_attacked_through_the_cli(tmp_path):
     bad.tensors[2] = torch.zeros(3, 3)
     save_update(bad, tmp_path / "bad.safetensors")
     with pytest.raises(UpdateFileError, match=r"body\.2|index 2|tensor 2"):
-        main([a if not a.startswith("--update=") else f"--update={tmp_path / 'bad.safetensors'}" for a in args])
+        main(
+            [a if not a.startswith("--update=") else f"--update={tmp_path / 'bad.safetensors'}" for a in args]
+        )
