@@ -4,7 +4,8 @@ Build one by name with :func:`build_victim`; :func:`list_victims` lists the name
 """
 
 from lightning_inversion.victims import resnet_cifar, small, torchvision_zoo  # noqa: F401  (registration)
+from lightning_inversion.victims.checkpoint import load_victim_checkpoint
 from lightning_inversion.victims.registry import build_victim, list_victims, register_victim
 from lightning_inversion.victims.weights import MissingWeightsError
 
-__all__ = ["MissingWeightsError", "build_victim", "list_victims", "register_victim"]
+__all__ = ["MissingWeightsError", "build_victim", "list_victims", "load_victim_checkpoint", "register_victim"]
