@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_inversion.classifier import VictimClassifier
+from lightning_inversion.attack import TargetMismatchError
 from lightning_inversion.cli import InversionCLI, main
 from lightning_inversion.data import PhotoData
 from lightning_inversion.images import IMAGENET_MEAN, IMAGENET_STD
@@ -54,7 +55,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Inver
     """The demo victim after a short ``fit`` run of the real CLI."""
     root = tmp_path_factory.mktemp("victim")
     return main(
-        ["fit", "--config", str(DEMO), *SHORT_RUN, f"--trainer.default_root_dir={root}"],
+        [
+            "fit",
+            "--config",
+            str(DEMO),
+            *SHORT_RUN,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
+            f"{{dirpath: {root}/checkpoints, monitor: val/acc, mode: max, filename: best, save_last: true}}}}]",
+        ],
         model_class=VictimClassifier,
     )
 
@@ -166,3 +175,35 @@ def test_smoke_train_victim_help() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "fit" in result.stdout and "validate" in result.stdout and "test" in result.stdout
+
+
+def test_the_attack_runs_on_the_trained_victim(trained: InversionCLI, tmp_path: Path) -> None:
+    checkpoint = trained.trainer.checkpoint_callback.last_model_path
+    attack = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "attack_trained_demo.yaml"),
+            f"--model.victim_checkpoint={checkpoint}",
+            "--trainer.max_steps=3",
+            "--report.lpips=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attack.model.victim(images), trained.model.victim.eval()(images))
+    assert attack.model.reconstruction.stats["steps"] == 3
+    # A checkpoint trained on other data is refused with a message naming the difference.
+    with pytest.raises(TargetMismatchError, match="num_classes"):
+        main(
+            [
+                "fit",
+                f"--model.victim_checkpoint={checkpoint}",
+                "--data=lightning_inversion.data.ImageFolderData",
+                f"--data.files=[{ROOT / 'README.md'}]",
+                "--data.num_classes=3",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
