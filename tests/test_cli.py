@@ -107,3 +107,17 @@ def test_missing_dataset_is_a_message_not_a_traceback(tmp_path):
     assert out.returncode == 2
     assert "CIFAR" in out.stderr and str(tmp_path) in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_missing_pretrained_weights_are_a_message_not_a_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "invert.py", "fit", "--config", "configs/imagenet.yaml", "--trainer.max_steps=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "TORCH_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2
+    assert "resnet18" in out.stderr and "hub/checkpoints" in out.stderr
+    assert "Traceback" not in out.stderr
