@@ -63,7 +63,7 @@ def test_overrides_reach_the_module(tmp_path):
             "--model.restarts=2",
             "--model.cost=l2",
             "--model.victim=LeNet-Zhu",
-            "--data.init_args.num_images=2",
+            "--data.init_args.target_indices=[0, 1]",
             "--trainer.max_steps=2",
             "--report.lpips=false",
             f"--trainer.default_root_dir={tmp_path}",
