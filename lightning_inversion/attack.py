@@ -12,6 +12,18 @@ Layout of the state:
 
 The update the attack matches (the target gradient) is set with :meth:`GradientInversion.set_target` and saved in
 every checkpoint, so resuming never needs the private data. The module never sees ground truth.
+
+What the Trainer adds:
+    several devices  restarts are split over ranks (``strategy="ddp"``, any ``num_nodes``): every rank holds all R
+                     restarts but puts only its slice into the loss, scaled by the world size, so DDP's gradient
+                     average hands each slice the gradient of the one rank that computed it and the restarts stay
+                     independent; the best restart is chosen over all ranks. The result equals a one-device run.
+    mixed precision  ``bf16-mixed``/``16-mixed`` run the victim's passes in half precision; the dummy images, their
+                     gradients (sign step, box) and the matching objective stay in fp32. True half precision
+                     (``bf16-true``, ``16-true``) is refused: it rounds the cosine loss to zero.
+    checkpoints      the dummy images, optimiser and scheduler state, step, restart counters, torch RNG state and
+                     the target update; ``fit(ckpt_path=...)`` continues bit-identically. The learning-rate
+                     milestones are those of the checkpointed run (the scheduler state wins over a new max_steps).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
@@ -47,6 +60,9 @@ LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
 Init = Literal["randn", "rand", "zeros", "analytic"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+
+# Trainer precisions that would hold the dummy images and the objective in half precision (REFERENCE §9).
+TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
 
 
 class TargetMismatchError(ValueError):
@@ -207,12 +223,14 @@ class GradientInversion(pl.LightningModule):
         self.register_buffer("restart_steps", torch.zeros(restarts, dtype=torch.long))
         self.update: Update | None = None
         self._local: Tensor = torch.arange(restarts)  # the restarts this process optimises
+        self._world = 1  # processes sharing the restarts
         self.last_cost = torch.full((restarts,), math.nan)  # each restart's latest matching cost (no TV)
-        self.reconstruction: Reconstruction | None = None
+        self._reconstruction: Reconstruction | None = None
         self.analytic_features: Tensor | None = None  # the closed-form input of the first linear layer
         self.analytic_exact = False  # whether those are the images themselves
         self._started: float | None = None
         self._seconds = 0.0
+        self._rng_to_restore: dict | None = None  # a checkpoint's RNG state, applied once on the right device
 
     # --- setting up ---------------------------------------------------------------------------------------
     @staticmethod
@@ -246,17 +264,17 @@ class GradientInversion(pl.LightningModule):
             return torch.zeros(shape)
         return torch.randn(shape, generator=gen)  # "analytic" starts here and is replaced in set_target
 
-    def _analytic_init(self, update: Update) -> None:
+    def _analytic_init(self, update: Update, overwrite_images: bool = True) -> None:
         from .analytic import recover_inputs
 
         layer, _ = self.analytic_layer
         features, is_mixture = recover_inputs(self.victim, update, layer)
         self.analytic_features = features
         self.analytic_exact = features.numel() == math.prod(self.image_shape) and not is_mixture
-        if self.analytic_exact:
+        if self.analytic_exact and overwrite_images:
             with torch.no_grad():
                 self.dummy_images.copy_(features.view(self.image_shape).expand_as(self.dummy_images))
-        else:
+        elif not self.analytic_exact:
             log.warning(
                 "closed-form recovery gives the %d inputs of layer %r%s, not the image: the images are optimised",
                 features.numel(),
@@ -337,15 +355,23 @@ class GradientInversion(pl.LightningModule):
         raise ValueError(f"no {self.num_classes}-row linear layer found in the update for label recovery")
 
     def setup(self, stage: str) -> None:
-        if self.update is None:
-            raise RuntimeError("no target update: call set_target(update) before fitting")
         world, rank = 1, 0
         if self._trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
+            check_precision(self.trainer.precision)
         self._local = torch.arange(self.restarts).tensor_split(world)[rank]
+        self.__dict__.pop("_local_on_device", None)
         self._world = world
 
     def on_fit_start(self) -> None:
+        # Checked here, not in setup: a checkpoint being resumed is restored after setup and brings the update.
+        if self.update is None:
+            raise RuntimeError(
+                "no target update: call set_target(update) before fitting, or resume a checkpoint"
+            )
+        if self._rng_to_restore is not None:
+            self._restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
         update = self.update.to(self.device)
         self.update = update
         # The objective holds the target's selection and norms, prepared once; kept out of the module tree so
@@ -387,16 +413,30 @@ class GradientInversion(pl.LightningModule):
         return list(torch.func.vmap(one, in_dims=in_dims, randomness="different")(images, labels, buffers))
 
     def restart_costs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Matching cost and total variation of each restart, both ``(r,)`` in fp32."""
-        dummy = self.dummy_update(images, labels)
+        """Matching cost and total variation of each restart, both ``(r,)`` in fp32.
+
+        Under mixed precision the victim's passes run in half precision; the dummy update is cast to fp32 and the
+        objective runs outside autocast, so the cosine is never rounded in half precision.
+        """
+        dummy = [g.float() for g in self.dummy_update(images, labels)]  # no copy when already fp32
         with torch.autocast(self.device.type, enabled=False):
             return self.objective(dummy), total_variation(images.float())
 
     def _labels(self, idx: Tensor) -> Tensor:
         return self.target_labels if self.dummy_labels is None else self.dummy_labels[idx]
 
+    def _local_index(self) -> Tensor:
+        """This process's restarts as an index on the module's device, copied there once (a copy syncs)."""
+        idx = self.__dict__.get("_local_on_device")
+        if idx is None or idx.device != self.device or len(idx) != len(self._local):
+            idx = self.__dict__["_local_on_device"] = self._local.to(self.device)
+        return idx
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        idx = self._local.to(self.device)
+        idx = self._local_index()
+        with torch.no_grad():
+            # Every restart takes part in every step (on some process), so all counters advance together.
+            self.restart_steps += 1
         if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
             return self.dummy_images.sum() * 0
         everything = len(idx) == self.restarts
@@ -405,9 +445,11 @@ class GradientInversion(pl.LightningModule):
         loss = cost + self.tv * tv  # (r,)
         with torch.no_grad():
             self.last_cost[idx] = cost.detach()
-            # Every restart takes part in every step (on some process), so all counters advance together.
-            self.restart_steps += 1
-        self.log("train/matching_cost", cost.detach().min(), prog_bar=True)
+        # This process's restarts only: a sync over ranks every step would cost more than the numbers are worth.
+        best = cost.detach().min()
+        self.log("train/matching_cost", best, prog_bar=True)
+        if self.cost == "sim":  # the global cosine between the dummy and the target update
+            self.log("train/gradient_cosine", 1 - best)
         self.log("train/loss", loss.detach().mean())
         self.log("train/tv", tv.detach().mean())
         # DDP averages gradients over processes: each slice comes from one process, so scale by the world size.
@@ -444,12 +486,17 @@ class GradientInversion(pl.LightningModule):
             raise ValueError(
                 "set trainer.max_steps: the learning-rate decay is placed at 3/8, 5/8, 7/8 of it"
             )
+        # On resume, the checkpoint's scheduler state (its milestones included) replaces these milestones.
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, decay_milestones(max_steps), gamma=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def train_dataloader(self) -> DataLoader:
         steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
-        return DataLoader(_StepTicks(steps), batch_size=None, num_workers=0)
+        # Under DDP a DistributedSampler deals the ticks out over the processes: give each one epoch of max_steps.
+        return DataLoader(_StepTicks(steps * self._world), batch_size=None, num_workers=0)
 
     def train(self, mode: bool = True) -> GradientInversion:
         super().train(mode)
@@ -457,15 +504,38 @@ class GradientInversion(pl.LightningModule):
         return self
 
     # --- checkpoints ---------------------------------------------------------------------------------------
+    # Everything saved here is tensors and plain Python values: checkpoints load with ``weights_only=True``.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.update is not None:
             checkpoint["target_update"] = self.update.state_dict()
         checkpoint["attack_seconds"] = self._elapsed()
+        if self._trainer is not None:
+            checkpoint["attack_max_steps"] = int(self.trainer.max_steps)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint["attack_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "target_update" in checkpoint:
             self.update = Update.from_state_dict(checkpoint["target_update"])
+            if self.init == "analytic" and self.analytic_features is None:  # not saved; the images are
+                self._analytic_init(self.update, overwrite_images=False)
         self._seconds = float(checkpoint.get("attack_seconds", 0.0))
+        if self._trainer is None:  # loading weights (load_from_checkpoint), not resuming a run
+            return
+        self._rng_to_restore = checkpoint.get("attack_rng")
+        planned = checkpoint.get("attack_max_steps")
+        if self.lr_decay and planned is not None and planned != self.trainer.max_steps:
+            rank_zero_warn(
+                f"resuming a run planned for {planned} steps with max_steps={self.trainer.max_steps}: the "
+                f"learning-rate milestones stay those of {planned} steps ({decay_milestones(planned)})"
+            )
+
+    def _restore_rng(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     # --- the end: scoring restarts without ground truth ----------------------------------------------------
     def on_train_start(self) -> None:
@@ -478,6 +548,27 @@ class GradientInversion(pl.LightningModule):
         self._seconds = self._elapsed()
         self._started = None
         self.reconstruction = self.reconstruct_result(sync=True)
+
+    @property
+    def reconstruction(self) -> Reconstruction | None:
+        """The result of the last ``fit`` (``None`` before one ran a step).
+
+        Under ``ddp_spawn`` the run happens in worker processes and only the module's state comes back to the
+        caller, so the result is rebuilt from the returned dummy images on first access.
+        """
+        if self._reconstruction is None and self._came_back_from_workers():
+            self._reconstruction = self.reconstruct_result()
+        return self._reconstruction
+
+    @reconstruction.setter
+    def reconstruction(self, value: Reconstruction | None) -> None:
+        self._reconstruction = value
+
+    def _came_back_from_workers(self) -> bool:
+        # The caller's copy of a spawned run has run steps but no trainer (or a finished one), and no result.
+        if self.update is None or (self._trainer is not None and not self.trainer.state.finished):
+            return False
+        return bool(self.restart_steps.max() > 0)
 
     @torch.no_grad()
     def restart_scores(self, sync: bool = False) -> Tensor:
@@ -535,6 +626,20 @@ def _same(a, b) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a Trainer precision that holds the attack itself in half precision.
+
+    Raises:
+        ValueError: for ``bf16-true`` and ``16-true``.
+    """
+    if str(precision) in TRUE_HALF_PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} holds the dummy images and the matching objective in half precision: the "
+            "cosine loss rounds to zero and the images stop improving. Use 'bf16-mixed' or '16-mixed' (the "
+            "victim's passes in half precision, the images and the objective in fp32) or '32-true'."
+        )
 
 
 def dummy_images_as_pixels(module: GradientInversion, idx: Sequence[int] | None = None) -> Tensor:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
+import torch
 from pytorch_lightning import LightningModule
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from .attack import GradientInversion, TargetMismatchError
-from .client import Client
+from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
 from .report import InversionReport
@@ -18,6 +22,19 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "something the user must provide is missing or wrong": a message, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (MissingDataError, TargetMismatchError, FileNotFoundError)
+
+# The attack's Trainer callbacks unless --trainer.callbacks says otherwise: a checkpoint of the whole run
+# (last.ckpt) every 500 steps, and the learning rate among the logged scalars.
+ATTACK_CALLBACKS: list[dict] = [
+    {
+        "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": 500, "save_last": True},
+    },
+    {
+        "class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    },
+]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -39,6 +56,11 @@ class InversionCLI(LightningCLI):
     The data decides the image shape, the number of classes and the normalisation of the model, so nobody types
     them twice. For the attack, ``fit`` first lets the simulated client compute its update from the private
     batch, hands the update to the attack and the ground truth to the report, and only then runs the Trainer.
+
+    The attack checkpoints itself (``last.ckpt`` every 500 steps, :data:`ATTACK_CALLBACKS`) and logs its learning
+    rate. ``fit --ckpt_path PATH`` (or ``last``: the newest ``last*.ckpt`` under the run's root and checkpoint
+    folders, whatever logger version wrote it) continues a run from the update saved in the checkpoint, without
+    the private data; the ground truth is still loaded for the report when the data is there.
     """
 
     def __init__(self, model_class: type[LightningModule], *args, **kwargs) -> None:
@@ -52,7 +74,9 @@ class InversionCLI(LightningCLI):
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments("data", f"model.{key}", compute_fn=_attribute(key), apply_on="instantiate")
         if self.attack:
-            parser.link_arguments("data", "model.num_images", compute_fn=_attribute("batch_images"), apply_on="instantiate")
+            parser.link_arguments(
+                "data", "model.num_images", compute_fn=_attribute("batch_images"), apply_on="instantiate"
+            )
             parser.add_class_arguments(Client, "client", fail_untyped=True)
             parser.link_arguments("client", "model.client", apply_on="instantiate")
             parser.add_lightning_class_args(InversionReport, "report")
@@ -65,7 +89,21 @@ class InversionCLI(LightningCLI):
                 "The data then only sets image shape, classes and normalisation; the client options say what "
                 "the update is (gradient, or FedAvg delta/weights).",
             )
-            parser.set_defaults({"trainer.max_steps": 4800})
+            parser.set_defaults({"trainer.max_steps": 4800, "trainer.callbacks": ATTACK_CALLBACKS})
+
+    def before_instantiate_classes(self) -> None:
+        if not self.attack or self.subcommand is None:
+            return
+        trainer = self.config[self.subcommand].trainer
+        # The default callbacks must not break a Trainer without checkpoints or without a logger.
+        drop = set()
+        if trainer.get("enable_checkpointing") is False:
+            drop.add("ModelCheckpoint")
+        if trainer.get("logger") is False or trainer.get("logger") == []:
+            drop.add("LearningRateMonitor")
+        callbacks = trainer.get("callbacks")
+        if drop and isinstance(callbacks, list):
+            trainer.callbacks = [cb for cb in callbacks if _class_name(cb) not in drop]
 
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
         if not self.attack:
@@ -74,27 +112,104 @@ class InversionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         client: Client = config["client"]
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path == "last":
+            kwargs["ckpt_path"] = ckpt_path = self.last_checkpoint() or "last"
+        resuming = ckpt_path is not None and ckpt_path != "last"  # "last" with nothing saved starts afresh
         if config.get("update"):
             from .update_io import load_update
 
             model.set_target(load_update(config["update"], model.victim, kind=client.kind))
+        elif resuming:
+            special = (
+                ckpt_path in ("best", "hpc")
+                or "://" in str(ckpt_path)
+                or str(ckpt_path).startswith("registry")
+            )
+            if not special:  # else the module takes the update from the checkpoint Lightning finds
+                model.set_target(read_target_update(ckpt_path))
+            self._ground_truth_if_available(model, datamodule, client, report)
         else:
             images, labels = datamodule.attack_targets()  # the client's private batch, normalised
             model.set_target(client.update(model.victim, images, labels))
             report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
         self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
 
+    def last_checkpoint(self) -> str | None:
+        """The newest ``last*.ckpt`` of earlier runs, or ``None``.
 
-def _attribute(name: str):
-    def get(obj):
-        value = getattr(obj, name)
+        Lightning alone looks only in the checkpoint folder of the *new* run, which a versioned logger (the
+        default) has just made empty; this searches every version under the root folder, the loggers' folders
+        and the checkpoint callbacks' explicit folders.
+        """
+        roots = {Path(self.trainer.default_root_dir)}
+        roots |= {Path(lg.save_dir) for lg in self.trainer.loggers if getattr(lg, "save_dir", None)}
+        patterns = ["checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt"]
+        found = [path for root in roots for pattern in patterns for path in root.glob(pattern)]
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                found += Path(callback.dirpath).glob("last*.ckpt")
+        found = [path for path in found if path.is_file()]
+        return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+
+    def _ground_truth_if_available(
+        self, model: GradientInversion, datamodule: VisionData, client: Client, report: InversionReport
+    ) -> None:
+        """Give the report the private batch when the data is here and matches the checkpoint's update."""
+        try:
+            images, labels = datamodule.attack_targets()
+        except (MissingDataError, FileNotFoundError, OSError, NotImplementedError) as error:
+            log.info("resuming without the private data (%s): no metrics against ground truth", error)
+            return
+        if model.update is not None:
+            update = client.update(model.victim, images, labels)
+            same = len(update.tensors) == len(model.update.tensors) and all(
+                a.shape == b.shape and torch.allclose(a, b.to(a), rtol=1e-4, atol=1e-7)
+                for a, b in zip(update.tensors, model.update.tensors, strict=True)
+            )
+            if not same:
+                log.warning(
+                    "the data's private batch does not produce the checkpoint's update: no ground truth"
+                )
+                return
+        report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+
+
+def read_target_update(path: str | os.PathLike) -> Update:
+    """The update an attack checkpoint holds, read without unpickling code (``weights_only=True``).
+
+    Raises:
+        TargetMismatchError: the file is not a checkpoint of the attack.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "target_update" not in checkpoint:
+        raise TargetMismatchError(f"{path} holds no target update: it is not a checkpoint of the attack")
+    return Update.from_state_dict(checkpoint["target_update"])
+
+
+def _class_name(callback) -> str:
+    """The class name of a callback given as an object, a class path string or a ``class_path`` namespace."""
+    path = getattr(callback, "class_path", None) or (callback if isinstance(callback, str) else None)
+    if path is None and isinstance(callback, dict):
+        path = callback.get("class_path")
+    return str(path).rsplit(".", 1)[-1] if path else type(callback).__name__
+
+
+class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spawn can pickle the parser
+    """``compute_fn`` of an argument link: the attribute ``name`` of the data (lists as tuples)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__name__ = f"get_{name}"
+
+    def __call__(self, obj):
+        value = getattr(obj, self.name)
         return tuple(value) if isinstance(value, list) else value
 
-    get.__name__ = f"get_{name}"
-    return get
 
-
-def main(args: list[str] | None = None, model_class: type[LightningModule] = GradientInversion) -> InversionCLI | None:
+def main(
+    args: list[str] | None = None, model_class: type[LightningModule] = GradientInversion
+) -> InversionCLI | None:
     """Run the CLI (``args=None`` reads ``sys.argv``); a missing dataset, weights or a bad update exit with a message."""
     try:
         return InversionCLI(model_class, args=args)

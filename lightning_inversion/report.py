@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -28,67 +29,180 @@ def upscale(images: Tensor, min_side: int = 96) -> Tensor:
     return images if factor == 1 else F.interpolate(images, scale_factor=factor, mode="nearest")
 
 
-def save_comparison(path: str | os.PathLike, images: Tensor, truth: Tensor | None = None) -> None:
-    """Write a PNG: ground truth in the top row (when known), the reconstruction below, image i above image i."""
+def comparison_grid(images: Tensor, truth: Tensor | None = None) -> Tensor:
+    """One ``(3, H', W')`` picture: ground truth in the top row (when known), the reconstruction below."""
     rows = [truth, images] if truth is not None else [images]
     grid = torch.cat([upscale(r.float().cpu().clamp(0, 1)) for r in rows])
-    save_image(make_grid(grid, nrow=len(images), padding=2, pad_value=1.0), path)
+    return make_grid(grid, nrow=len(images), padding=2, pad_value=1.0)
+
+
+def save_comparison(path: str | os.PathLike, images: Tensor, truth: Tensor | None = None) -> None:
+    """Write a PNG: ground truth in the top row (when known), the reconstruction below, image i above image i."""
+    save_image(comparison_grid(images, truth), path)
+
+
+def plot_progress(path: str | os.PathLike, history: dict[str, list]) -> None:
+    """Write a PNG of the best restart's matching cost (and PSNR, when known) over the optimisation steps.
+
+    Args:
+        path: the PNG to write.
+        history: ``step`` and ``matching_cost`` lists of equal length; ``psnr_step`` and ``psnr`` likewise.
+    """
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the user's backend alone
+
+    panels = 2 if history["psnr"] else 1
+    fig = Figure(figsize=(5 * panels, 3.5), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    costs = [
+        (s, c) for s, c in zip(history["step"], history["matching_cost"], strict=True) if math.isfinite(c)
+    ]
+    if costs:
+        axes[0].plot(*zip(*costs, strict=True), lw=1)
+        if all(c > 0 for _, c in costs):
+            axes[0].set_yscale("log")
+    axes[0].set(xlabel="step", ylabel="gradient-matching cost", title="best restart's matching cost")
+    if panels == 2:
+        axes[1].plot(history["psnr_step"], history["psnr"], marker=".", lw=1)
+        axes[1].set(xlabel="step", ylabel="PSNR (dB)", title="PSNR against the ground truth")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
 
 
 class InversionReport(pl.Callback):
     """Measure the attack against the ground truth (when known) and write its outputs.
 
-    During the run it logs PSNR and SSIM of the currently best restart; at the end it writes, in the output
-    folder, ``reconstruction.png`` (ground truth above reconstruction), ``reconstruction.pt`` (the chosen images
-    in [0, 1], every restart, the labels and the stats) and ``metrics.json``, and prints a short summary.
+    During the run it logs PSNR and SSIM of the currently best restart, keeps the history of the best restart's
+    matching cost (and PSNR), and every ``snapshot_every_n_steps`` shows the current best images: as an image of
+    a TensorBoard logger, or else as ``snapshots/step_NNNNNN.png`` in the output folder. At the end it writes, in
+    the output folder, ``reconstruction.png`` (ground truth above reconstruction), ``progress.png`` (cost and PSNR
+    over the steps), ``reconstruction.pt`` (the chosen images in [0, 1], every restart, the labels and the stats)
+    and ``metrics.json``, and prints a short summary. Only the global rank 0 measures and writes; under DDP its
+    live numbers cover the restarts that rank optimises.
 
     Args:
         output_dir: where to write the files; ``None`` uses the Trainer's log directory (no files without one).
         monitor_every_n_steps: log PSNR/SSIM of the best restart against the ground truth every this many steps
             (0: only at the end).
         lpips: compute LPIPS (AlexNet) at the end, where its weights can be had.
+        snapshot_every_n_steps: show the current best images every this many steps (0: never).
     """
 
-    def __init__(self, output_dir: str | None = None, monitor_every_n_steps: int = 50, lpips: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        monitor_every_n_steps: int = 50,
+        lpips: bool = True,
+        snapshot_every_n_steps: int = 500,
+    ) -> None:
         super().__init__()
         self.output_dir = output_dir
         self.monitor_every_n_steps = monitor_every_n_steps
         self.lpips = lpips
+        self.snapshot_every_n_steps = snapshot_every_n_steps
         self.truth: Tensor | None = None
         self.truth_labels: Tensor | None = None
         self.metrics: dict | None = None
         self.directory: Path | None = None
+        self.history: dict[str, list] = _empty_history()
+        self._pending: list[tuple[int, Tensor]] = []  # (step, best cost) still on the device
+        self._folder: Path | None = None
+        self._folder_known = False
 
     def set_ground_truth(self, images: Tensor | None, labels: Tensor | None = None) -> None:
         """The client's private images in [0, 1] ``(B, C, H, W)`` and labels ``(B,)``, for measuring only."""
         self.truth = None if images is None else images.detach().float().cpu()
         self.truth_labels = None if labels is None else labels.detach().cpu()
 
+    def setup(self, trainer: pl.Trainer, pl_module: GradientInversion, stage: str) -> None:
+        # trainer.log_dir is a collective under DDP: every process asks once, here, never rank 0 alone later.
+        self._folder = self.output_folder(trainer)
+        self._folder_known = True
+        # A fresh history; a resumed run's comes from the checkpoint (load_state_dict runs after setup).
+        self.history, self._pending = _empty_history(), []
+
     def on_train_batch_end(self, trainer, pl_module: GradientInversion, outputs, batch, batch_idx) -> None:
-        n = self.monitor_every_n_steps
-        if self.truth is None or not n or trainer.global_step % n:
+        if not trainer.is_global_zero:
             return
+        step = trainer.global_step
+        # Kept on the device (no sync per step) and fetched in one transfer at snapshots, checkpoints and the end.
+        self._pending.append((step, torch.nan_to_num(pl_module.last_cost, nan=math.inf).min()))
+        n, every = self.monitor_every_n_steps, self.snapshot_every_n_steps
+        monitor = self.truth is not None and n and step % n == 0
+        snapshot = every and step % every == 0 and self._snapshot_destination(trainer) is not None
+        if not (monitor or snapshot):
+            return
+        images = self._best_images(pl_module)
+        if monitor:
+            value = psnr(images, self.truth).mean()
+            pl_module.log("train/psnr", value, prog_bar=True, rank_zero_only=True)
+            pl_module.log("train/ssim", ssim(images, self.truth).mean(), rank_zero_only=True)
+            self.history["psnr_step"].append(step)
+            self.history["psnr"].append(float(value))
+        if snapshot:
+            self._flush()
+            self._snapshot(trainer, images, step)
+
+    def _best_images(self, pl_module: GradientInversion) -> Tensor:
+        """The images of the restart with the lowest latest cost, in the ground truth's order: ``(B, C, H, W)``."""
         best = int(torch.nan_to_num(pl_module.last_cost, nan=math.inf).argmin())
         images = dummy_images_as_pixels(pl_module, [best])[0].cpu()
-        truth = self.truth
-        if len(images) > 1:
-            images = images[match_to_truth(images, truth)]
-        pl_module.log("train/psnr", psnr(images, truth).mean(), prog_bar=True, rank_zero_only=True)
-        pl_module.log("train/ssim", ssim(images, truth).mean(), rank_zero_only=True)
+        if self.truth is not None and len(images) > 1:
+            images = images[match_to_truth(images, self.truth)]
+        return images
+
+    def _snapshot_destination(self, trainer: pl.Trainer) -> TensorBoardLogger | Path | None:
+        """A TensorBoard logger, else the ``snapshots`` folder of the outputs, else nowhere (``None``)."""
+        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if board is not None:
+            return board
+        return self._folder / "snapshots" if self._folder is not None else None
+
+    def _snapshot(self, trainer: pl.Trainer, images: Tensor, step: int) -> None:
+        grid = comparison_grid(images, self.truth)
+        destination = self._snapshot_destination(trainer)
+        if isinstance(destination, TensorBoardLogger):
+            destination.experiment.add_image("reconstruction", grid, step)
+        elif destination is not None:
+            destination.mkdir(parents=True, exist_ok=True)
+            save_image(grid, destination / f"step_{step:06d}.png")
+
+    def _flush(self) -> None:
+        if self._pending:
+            costs = torch.stack([c for _, c in self._pending]).float().cpu().tolist()
+            self.history["step"].extend(s for s, _ in self._pending)
+            self.history["matching_cost"].extend(costs)
+            self._pending = []
+
+    def state_dict(self) -> dict:
+        """The history so far (plain lists), so a resumed run's ``progress.png`` covers all its steps."""
+        self._flush()
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        history = state_dict.get("history")
+        if history is not None:
+            self.history = {k: list(history.get(k, [])) for k in _empty_history()}
 
     def output_folder(self, trainer: pl.Trainer) -> Path | None:
+        """The folder for the outputs. Calls ``trainer.log_dir``, a collective under DDP: call it on every rank."""
         if self.output_dir is not None:
             return Path(self.output_dir)
         return Path(trainer.log_dir) if trainer.log_dir and trainer.loggers else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: GradientInversion) -> None:
+        folder = self._folder if self._folder_known else self.output_folder(trainer)
+        self._folder_known = False
         if not trainer.is_global_zero:
             return
         result = pl_module.reconstruction
         if result is None:  # no optimisation step ran (max_steps 0, e.g. a closed-form recovery)
             result = pl_module.reconstruction = pl_module.reconstruct_result()
+        self._flush()
         self.metrics = self.measure(result, pl_module)
-        folder = self.output_folder(trainer)
+        if "psnr" in self.metrics and result.stats["steps"] not in self.history["psnr_step"]:
+            self.history["psnr_step"].append(result.stats["steps"])
+            self.history["psnr"].append(self.metrics["psnr"])
         if folder is not None:
             self.write(folder, result)
         self._summarize(result, folder)
@@ -139,12 +253,16 @@ class InversionReport(pl.Callback):
         )
         if not torch.isnan(result.images).any():
             save_comparison(folder / "reconstruction.png", result.images, self.truth)
+        if self.history["step"] or self.history["psnr"]:
+            plot_progress(folder / "progress.png", self.history)
         (folder / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
         self.directory = folder
 
     def _summarize(self, result: Reconstruction, folder: Path | None) -> None:
         stats = result.stats
-        lines = [f"Reconstructed {tuple(result.images.shape)} in {stats['steps']} steps, {stats['seconds']:.1f} s"]
+        lines = [
+            f"Reconstructed {tuple(result.images.shape)} in {stats['steps']} steps, {stats['seconds']:.1f} s"
+        ]
         if stats["chosen_restart"] is not None:
             lines.append(f"  chosen restart {stats['chosen_restart']} of {len(stats['scores'])}")
         m = self.metrics or {}
@@ -158,3 +276,7 @@ class InversionReport(pl.Callback):
         if folder is not None:
             lines.append(f"  outputs in {folder}")
         rank_zero_info("\n".join(lines))
+
+
+def _empty_history() -> dict[str, list]:
+    return {"step": [], "matching_cost": [], "psnr_step": [], "psnr": []}
