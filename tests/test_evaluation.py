@@ -35,6 +35,7 @@ def test_one_row_per_target_and_a_summary_that_agrees(tmp_path):
         output_dir=tmp_path,
         lpips=False,
     )
+    assert all(p.requires_grad for p in victim.parameters()) and not victim.training  # left as it was
     rows = read_rows(tmp_path)
     assert [int(r["index"]) for r in rows] == [0, 1, 3]
     assert [int(r["label"]) for r in rows] == [0, 1, 3]  # each photo is its own class

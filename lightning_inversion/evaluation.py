@@ -1,0 +1,395 @@
+"""Evaluation over many targets: the protocol of Geiping et al. 2020's tables, one reconstruction per image.
+
+Each target is one private image of a :class:`~lightning_inversion.data.VisionData`'s target split, attacked on
+its own (one client, one image, as in the paper's Table 1): the simulated client computes its update, a fresh
+:class:`~lightning_inversion.attack.GradientInversion` with the same options inverts it, and the result is
+measured against the ground truth. The targets run one after another in a Python loop (each has its own target
+gradient, so they cannot share one optimisation); restarts inside a target are still a batch axis.
+
+Outputs in ``output_dir``: ``evaluation.csv`` (one row per target), ``evaluation.md`` (mean ± std of each
+metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the images).
+
+The command line (``python evaluate.py --config configs/eval_photos.yaml``) reads the same sections as
+``invert.py fit``: ``data``, ``model`` (the attack's options, victim included), ``client``, ``trainer`` and
+``report`` (``output_dir``, ``lpips``); the data's ``target_indices`` (or its first ``num_images``) are the
+targets, each attacked on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from torch import Tensor, nn
+from torchvision.utils import make_grid, save_image
+
+from .attack import GradientInversion
+from .client import Client
+from .data import VisionData
+from .images import denormalize
+from .metrics import LPIPSMetric, evaluate, summarize
+from .report import InversionReport, upscale
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "index",
+    "label",
+    "psnr",
+    "ssim",
+    "lpips",
+    "mse",
+    "feature_mse",
+    "label_accuracy",
+    "seconds",
+    "chosen_restart",
+)
+# What evaluation.md summarises, with the heading of each row.
+SUMMARY = {
+    "psnr": ("PSNR (dB)", ".2f"),
+    "ssim": ("SSIM", ".3f"),
+    "lpips": ("LPIPS", ".3f"),
+    "label_accuracy": ("label accuracy", ".2f"),
+    "seconds": ("seconds per target", ".2f"),
+}
+# Arguments of GradientInversion that the data (or the evaluation itself: one image per target) decides.
+DECIDED = ("num_classes", "image_shape", "mean", "std", "num_images", "client")
+# What evaluate_targets gives a Trainer unless trainer_kwargs say otherwise: quiet, one device, no files.
+QUIET_TRAINER = dict(
+    max_steps=4800,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    devices=1,
+)
+
+
+@dataclass
+class Evaluation:
+    """The outcome of :func:`evaluate_targets`.
+
+    Attributes:
+        rows: one dict per target with the keys of :data:`COLUMNS` (``None`` where a metric is unavailable).
+        summary: ``(mean, std)`` per metric of :data:`SUMMARY` over the targets.
+        images: the reconstructions in [0, 1], ``(N, C, H, W)``, in target order.
+        truth: the ground truths in [0, 1], ``(N, C, H, W)``.
+        notes: remarks for the report (e.g. why LPIPS is unavailable).
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, tuple[float, float]]
+    images: Tensor
+    truth: Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+def _build_victim(
+    victim: str | nn.Module, data: VisionData, pretrained: bool, victim_weights: str | None
+) -> nn.Module:
+    if not isinstance(victim, str):
+        return victim
+    from .victims import build_victim
+
+    return build_victim(
+        victim, data.num_classes, tuple(data.image_shape), pretrained=pretrained, weights_path=victim_weights
+    )
+
+
+def evaluate_targets(
+    data: VisionData,
+    victim: str | nn.Module = "ConvNet-16",
+    targets: Sequence[int] | None = None,
+    num_targets: int | None = None,
+    attack_options: dict[str, Any] | None = None,
+    client: Client | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    output_dir: str | Path | None = None,
+    lpips: bool = True,
+) -> Evaluation:
+    """Attack each target image on its own and measure every reconstruction (a loop over targets).
+
+    Args:
+        data: the dataset the targets come from (its target split, normalisation and number of classes).
+        victim: the shared model: a registry name (built once, with ``pretrained``/``victim_weights`` from
+            ``attack_options``) or an ``nn.Module`` (its ``requires_grad`` flags are turned off, as the attack
+            does).
+        targets: indices into the data's target split. ``None``: the first ``num_targets`` indices, or without
+            that the data's own selection (``target_indices``, else ``num_images`` from ``start_index``).
+        num_targets: how many targets when ``targets`` is not given.
+        attack_options: :class:`~lightning_inversion.attack.GradientInversion` arguments (``restarts``,
+            ``cost``, ``tv``, ``optimizer``, ``label_strategy``, ...), the same for every target. The data
+            decides ``num_classes``, ``image_shape``, ``mean`` and ``std``; each target is one image.
+        client: the client's protocol (FedSGD in eval mode by default).
+        trainer_kwargs: Lightning ``Trainer`` arguments (``max_steps``, ``precision``, ``accelerator``, ...)
+            over a quiet single-device default of 4,800 steps; a fresh Trainer runs each target.
+        output_dir: where to write ``evaluation.csv``, ``evaluation.md``, ``evaluation.png`` and
+            ``evaluation.pt``; ``None`` writes nothing.
+        lpips: measure LPIPS (AlexNet) where its weights can be had.
+
+    Returns:
+        an :class:`Evaluation` with the rows, the summary and the images.
+    """
+    options = dict(attack_options or {})
+    decided = sorted(set(options) & set(DECIDED))
+    if decided:
+        raise ValueError(
+            f"{', '.join(decided)} are decided by the data and the evaluation, not attack options"
+        )
+    pretrained = options.pop("pretrained", False)
+    victim_weights = options.pop("victim_weights", None)
+    victim = options.pop("victim", victim)
+    victim_name = victim if isinstance(victim, str) else type(victim).__name__
+    victim = _build_victim(victim, data, pretrained, victim_weights)
+    client = client or Client()
+    dataset = data.target_set()
+    if targets is None:
+        targets = list(range(num_targets)) if num_targets is not None else data.target_index_list(dataset)
+    targets = [int(i) for i in targets]
+    if not targets:
+        raise ValueError("no targets to evaluate")
+    bad = [i for i in targets if not 0 <= i < len(dataset)]
+    if bad:
+        raise ValueError(f"target indices {bad} are out of range for a split of {len(dataset)} images")
+    settings = {**QUIET_TRAINER, **(trainer_kwargs or {})}
+    metric = LPIPSMetric() if lpips else None
+    notes = [metric.reason] if metric is not None and metric.reason else []
+
+    rows: list[dict[str, Any]] = []
+    images, truths = [], []
+    flags, was_training = [p.requires_grad for p in victim.parameters()], victim.training
+    try:
+        for n, index in enumerate(targets):
+            row, image, truth = _attack_one(data, victim, dataset, index, options, client, settings, metric)
+            rows.append(row)
+            images.append(image)
+            truths.append(truth)
+            log.info(
+                "target %d/%d (index %d): PSNR %.2f dB, SSIM %.3f, %.1f s",
+                n + 1,
+                len(targets),
+                index,
+                row["psnr"],
+                row["ssim"],
+                row["seconds"],
+            )
+    finally:  # the caller's model comes back as it was (the attack freezes it)
+        for p, flag in zip(victim.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        victim.train(was_training)
+
+    summary = {key: summarize([row[key] for row in rows]) for key in SUMMARY}
+    failed = [row["index"] for row in rows if row["psnr"] is None or math.isnan(row["psnr"])]
+    if failed:  # no finite restart (NaN images): left out of the means, and said so
+        notes.append(f"{len(failed)} of {len(rows)} reconstructions failed (NaN), targets {failed}")
+    evaluation = Evaluation(rows, summary, torch.cat(images), torch.cat(truths), notes)
+    if output_dir is not None:
+        write_evaluation(output_dir, evaluation, _describe(victim_name, data, options, settings, client))
+    return evaluation
+
+
+def _attack_one(
+    data: VisionData,
+    victim: nn.Module,
+    dataset: Any,
+    index: int,
+    options: dict[str, Any],
+    client: Client,
+    settings: dict[str, Any],
+    metric: LPIPSMetric | None,
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """One target: the client's update, a fresh attack on it, and the measurements (row, images, truth)."""
+    image, label = dataset[index]
+    device = next(victim.parameters()).device
+    x = torch.as_tensor(image)[None]  # (1, C, H, W), normalised
+    y = torch.tensor([int(label)])
+    truth = denormalize(x, data.mean, data.std).clamp(0, 1)
+    module = GradientInversion(
+        victim,
+        num_classes=data.num_classes,
+        image_shape=tuple(data.image_shape),
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        num_images=1,
+        client=client,
+        **options,
+    )
+    module.set_target(client.update(victim, x.to(device), y.to(device)))
+    started = time.perf_counter()
+    with _quiet_lightning():
+        pl.Trainer(**settings).fit(module)
+    wall = time.perf_counter() - started
+    result = module.reconstruction or module.reconstruct_result()
+    measured = evaluate(result.images, truth, result.labels, y, victim, data.mean, data.std, metric)
+    row = {
+        "index": index,
+        "label": int(label),
+        "psnr": measured["psnr"],
+        "ssim": measured["ssim"],
+        "lpips": measured["lpips"],
+        "mse": measured["mse"],
+        "feature_mse": measured.get("feature_mse"),
+        "label_accuracy": measured.get("label_accuracy"),
+        "seconds": result.stats.get("seconds") or wall,
+        "chosen_restart": result.stats.get("chosen_restart"),
+    }
+    return row, result.images.float().cpu(), truth
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's per-fit banners (accelerator, tips) out of a loop over many targets."""
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _describe(
+    victim: str, data: VisionData, options: dict[str, Any], settings: dict[str, Any], client: Client
+) -> str:
+    parts = [f"victim {victim}", f"data {type(data).__name__} {tuple(data.image_shape)}"]
+    parts.append(f"{settings.get('max_steps')} steps")
+    if settings.get("precision") is not None:
+        parts.append(f"precision {settings['precision']}")
+    parts.append(f"client {client.protocol}")
+    parts += [f"{k} {_name(v)}" for k, v in sorted(options.items())]
+    return ", ".join(parts)
+
+
+def _name(value: Any) -> Any:
+    """A readable name for an option: a class's or function's name, also inside a ``functools.partial``."""
+    if isinstance(value, functools.partial):
+        classes = [a for a in (value.func, *value.args) if isinstance(a, type)]
+        if classes:
+            return classes[-1].__name__
+    return getattr(value, "__name__", value)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_evaluation(folder: str | Path, evaluation: Evaluation, description: str = "") -> Path:
+    """Write ``evaluation.csv``, ``evaluation.md``, ``evaluation.png`` and ``evaluation.pt`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "evaluation.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(COLUMNS)
+        writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in evaluation.rows])
+    (folder / "evaluation.md").write_text(evaluation_markdown(evaluation, description))
+    save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth)
+    torch.save(
+        {"images": evaluation.images, "truth": evaluation.truth, "rows": evaluation.rows},
+        folder / "evaluation.pt",
+    )
+    return folder
+
+
+def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
+    """The summary table (mean ± std over targets) and, for up to 32 targets, one row per target."""
+    lines = [f"# Evaluation over {len(evaluation.rows)} targets", ""]
+    if description:
+        lines += [description, ""]
+    lines += ["| metric | mean ± std |", "|---|---|"]
+    for key, (title, spec) in SUMMARY.items():
+        mean, std = evaluation.summary[key]
+        lines.append(f"| {title} | {'n/a' if math.isnan(mean) else f'{mean:{spec}} ± {std:{spec}}'} |")
+    if len(evaluation.rows) <= 32:
+        lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += [
+            "| " + " | ".join(_cell(row[k]) or "n/a" for k in COLUMNS) + " |" for row in evaluation.rows
+        ]
+    lines += [""] + [f"Note: {note}" for note in evaluation.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def save_pairs(path: str | Path, images: Tensor, truth: Tensor, per_row: int = 8) -> None:
+    """A PNG of up to ``per_row`` targets per band: ground truths above their reconstructions."""
+    images = upscale(torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1))  # a failed (NaN) one shows black
+    truth = upscale(truth.float().clamp(0, 1))
+    columns = min(per_row, len(images))
+    blank = torch.ones_like(images[:1])
+    tiles = []
+    for start in range(0, len(images), columns):
+        pad = [blank] * (columns - len(images[start : start + columns]))
+        tiles += [truth[start : start + columns], *pad, images[start : start + columns], *pad]
+    save_image(make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0), path)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def build_parser() -> ArgumentParser:
+    """The parser of ``evaluate.py``: the sections of an ``invert.py fit`` config."""
+    parser = ArgumentParser(
+        description="Attack every target image of a dataset on its own and tabulate PSNR, SSIM, LPIPS, label "
+        "accuracy and time (the paper's evaluation protocol).",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
+    parser.add_argument(
+        "--seed_everything",
+        type=int | None,
+        default=0,
+        help="Seed of the global random generators (an untrained victim's weights), as in invert.py.",
+    )
+    parser.add_subclass_arguments(VisionData, "data", help="The dataset the targets come from.")
+    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
+    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
+    parser.add_class_arguments(Client, "client")
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
+    parser.add_class_arguments(InversionReport, "report", instantiate=False)
+    return parser
+
+
+def _changed(values: Namespace, defaults: Namespace) -> dict[str, Any]:
+    """The entries of a parsed group that differ from the parser's defaults."""
+    values, defaults = values.as_dict(), defaults.as_dict()
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
+def main(args: list[str] | None = None) -> Evaluation:
+    """Run ``evaluate.py`` (``args=None`` reads ``sys.argv``)."""
+    parser = build_parser()
+    config = parser.parse_args(args)
+    defaults = parser.get_defaults()
+    if config.seed_everything is not None:  # an untrained victim's weights come from the global generator
+        pl.seed_everything(config.seed_everything, verbose=False)
+    # Instantiates the data, the client and class paths inside the groups (optimizer, callbacks).
+    init = parser.instantiate(config)
+    # Only what the config changes reaches the attack and the Trainer, over their own (quiet) defaults.
+    attack = {key: init.model[key] for key in _changed(config.model, defaults.model)}
+    attack.pop("victim", None)
+    trainer_kwargs = {key: init.trainer[key] for key in _changed(config.trainer, defaults.trainer)}
+    trainer_kwargs["max_steps"] = config.trainer.max_steps
+    output_dir = config.report.output_dir or "outputs/evaluation"
+    evaluation = evaluate_targets(
+        init.data,
+        config.model.victim,
+        attack_options=attack,
+        client=init.client,
+        trainer_kwargs=trainer_kwargs,
+        output_dir=output_dir,
+        lpips=config.report.lpips,
+    )
+    log.info("wrote %s", Path(output_dir).resolve())
+    return evaluation
