@@ -63,7 +63,7 @@ class VisionData(pl.LightningDataModule):
     # --- what subclasses provide -------------------------------------------------------------------------
     def train_set(self) -> Dataset:
         """The training split (with augmentation), for training a victim."""
-        raise NotImplementedError(f"{type(self).__name__} has no training split")
+        raise TypeError(f"{type(self).__name__} has no training split: it only provides attack targets")
 
     def val_set(self) -> Dataset:
         """The held-out split for validating a victim; by default the target split."""
@@ -71,7 +71,7 @@ class VisionData(pl.LightningDataModule):
 
     def target_set(self) -> Dataset:
         """The split attack targets come from (a validation or test split, no augmentation)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define target_set(), the split attack targets come from")
 
     # --- shared ------------------------------------------------------------------------------------------
     def _cached(self, name: str, build: Callable[[], Dataset]) -> Dataset:
