@@ -407,10 +407,19 @@ class GradientInversion(pl.LightningModule):
         if r == 1:  # a single restart does not pay for batching
             b = {k: v.clone() for k, v in buffers.items()} if train_mode else buffers
             return [g.unsqueeze(0) for g in one(images[0], labels[0] if soft else labels, b)]
+        if images.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self._has_batchnorm:
+            # PyTorch's vmap rule for batch norm rejects bf16 inputs with fp32 weights on the CPU: there, and only
+            # there, restarts run one after another.
+            parts = [self.dummy_update(images[i : i + 1], labels[i : i + 1] if soft else labels) for i in range(r)]
+            return [torch.cat(tensors) for tensors in zip(*parts, strict=True)]
         if train_mode:  # BatchNorm updates its statistics in place: give each restart its own copy
             buffers = {k: v.expand(r, *v.shape).clone() for k, v in buffers.items()}
         in_dims = (0, 0 if soft else None, 0 if train_mode else None)
         return list(torch.func.vmap(one, in_dims=in_dims, randomness="different")(images, labels, buffers))
+
+    @property
+    def _has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.victim.modules())
 
     def restart_costs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Matching cost and total variation of each restart, both ``(r,)`` in fp32.

@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from test_attack import MEAN, STD, THRESHOLD_DB, make_attack, run_api
 
+import lightning_inversion as li
 from lightning_inversion.attack import GradientInversion
 from lightning_inversion.cli import main
 from lightning_inversion.data import MissingDataError, PhotoData
@@ -238,3 +239,11 @@ def test_same_seed_and_config_give_the_same_images(tiny_victim, cat16):
     assert torch.equal(runs[0].dummy_images, runs[1].dummy_images)
     assert torch.equal(runs[0].dummy_labels, runs[1].dummy_labels)
     assert runs[0].reconstruction.stats["scores"] == runs[1].reconstruction.stats["scores"]
+
+
+def test_bf16_mixed_with_several_restarts_and_batchnorm(cat16):
+    victim = li.build_victim("ResNet20", 10, (3, 16, 16)).eval()  # BatchNorm, which vmap rejects in CPU bf16
+    result = run_api(victim, cat16, steps=3, restarts=2, trainer_kwargs={"precision": "bf16-mixed"})
+    assert result.stats["restart_steps"] == [3, 3]
+    assert all(math.isfinite(s) for s in result.stats["scores"])
+    assert not torch.equal(result.restarts[0], result.restarts[1])
