@@ -410,7 +410,9 @@ class GradientInversion(pl.LightningModule):
         if images.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self._has_batchnorm:
             # PyTorch's vmap rule for batch norm rejects bf16 inputs with fp32 weights on the CPU: there, and only
             # there, restarts run one after another.
-            parts = [self.dummy_update(images[i : i + 1], labels[i : i + 1] if soft else labels) for i in range(r)]
+            parts = [
+                self.dummy_update(images[i : i + 1], labels[i : i + 1] if soft else labels) for i in range(r)
+            ]
             return [torch.cat(tensors) for tensors in zip(*parts, strict=True)]
         if train_mode:  # BatchNorm updates its statistics in place: give each restart its own copy
             buffers = {k: v.expand(r, *v.shape).clone() for k, v in buffers.items()}

@@ -151,7 +151,11 @@ class Client:
             labels=labels.detach().clone(),
             num_images=images.shape[0],
             num_clients=self.num_clients,
-            meta={"protocol": self.protocol, "local_lr": self.local_lr, "local_steps": self.steps_for(len(images))},
+            meta={
+                "protocol": self.protocol,
+                "local_lr": self.local_lr,
+                "local_steps": self.steps_for(len(images)),
+            },
         )
 
     def simulate(

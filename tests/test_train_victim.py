@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_inversion.classifier import VictimClassifier
 from lightning_inversion.attack import TargetMismatchError
+from lightning_inversion.classifier import VictimClassifier
 from lightning_inversion.cli import InversionCLI, main
 from lightning_inversion.data import PhotoData
 from lightning_inversion.images import IMAGENET_MEAN, IMAGENET_STD
