@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,6 +56,9 @@ from .objectives import (
 )
 
 log = logging.getLogger(__name__)
+
+# The victim runs in the client's mode (eval by default) on purpose: Lightning's warning about it is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
