@@ -330,19 +330,21 @@ class GradientInversion(pl.LightningModule):
             return None
         if self.label_strategy == "given":
             if update.labels is None:
-                raise ValueError(
+                raise TargetMismatchError(
                     "the labels are not known: pass them with the update, or choose label_strategy "
                     "'idlg' (one image), 'batch' or 'dlg'"
                 )
             if update.labels.shape != (self.num_images,):
-                raise ValueError(
+                raise TargetMismatchError(
                     f"labels of shape {tuple(update.labels.shape)}, expected ({self.num_images},)"
                 )
             return update.labels.long()
         weight, bias = self._last_linear_gradients(update)
         if self.label_strategy == "idlg":
             if self.num_images != 1:
-                raise ValueError("iDLG recovers the label of one image; use label_strategy 'batch' for B > 1")
+                raise TargetMismatchError(
+                    "iDLG recovers the label of one image; use label_strategy 'batch' for B > 1"
+                )
             return torch.tensor([idlg_label(weight, update.kind)])
         return batch_label_counts(weight, bias, self.num_images, update.kind)
 

@@ -38,16 +38,10 @@ ATTACK_CALLBACKS: list[dict] = [
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from .update_io import UpdateFileError
     from .victims import MissingWeightsError
 
-    errors = (*USER_ERRORS, MissingWeightsError)
-    try:
-        from .update_io import UpdateFileError
-
-        errors = (*errors, UpdateFileError)
-    except ImportError:  # pragma: no cover
-        pass
-    return errors
+    return (*USER_ERRORS, MissingWeightsError, UpdateFileError)
 
 
 class InversionCLI(LightningCLI):
@@ -214,7 +208,6 @@ def main(
     try:
         return InversionCLI(model_class, args=args)
     except _user_errors() as error:
-        log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         if args is not None:  # called from Python: let the caller see the exception
             raise
