@@ -1,14 +1,16 @@
-"""Seconds per module step before and after the speed changes, and with a suggested one, measured in one run.
+"""Seconds per module step with each speed change undone, against the code as it is, measured in one run.
 
 Variants, timed through a real ``pl.Trainer.fit`` (``speed.time_module``) and interleaved round by round so the
-load of a shared machine falls on all of them alike:
+load of a shared machine falls on all of them alike. Each undoes one change:
 
-- ``before``: the client's FedSGD update through ``torch.func.grad`` for every restart count, as it was;
-- ``after``: the code as it is: one restart (no ``vmap``) through ``torch.autograd.grad``, which gives the same
-  tensors and skips functorch's per-operation wrapping;
-- ``after, no self.log``: as ``after`` with ``LightningModule.log`` a no-op, i.e. what skipping the per-step
-  ``self.log`` calls in ``GradientInversion.training_step`` would save when no logger or progress bar reads them
-  (a change to ``attack.py``, suggested, not made);
+- ``func.grad``: the client's FedSGD update through ``torch.func.grad`` for one restart too (now: plain
+  ``torch.autograd.grad`` outside ``vmap``, which gives the same tensors without functorch's per-operation
+  wrapping);
+- ``log every step``: the four ``self.log`` calls of ``GradientInversion.training_step`` on every step (now: on
+  the Trainer's logging steps and the last one; ``self.log`` costs about a millisecond a call);
+- ``autograd objective``: the cosine's per-tensor dots and squares differentiated by autograd (now:
+  ``objectives.dots_and_squares``, whose backward is one product and one ``addcmul`` per tensor);
+- ``as is``: the code as it is;
 - ``plain``: the plain PyTorch loop of ``speed.py``, for the ratio.
 
 Example::
@@ -22,33 +24,47 @@ import argparse
 import logging
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from unittest import mock
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import speed  # noqa: E402
 
-from lightning_inversion import client  # noqa: E402
+from lightning_inversion import client, objectives  # noqa: E402
 from lightning_inversion.attack import GradientInversion  # noqa: E402
 
 
 @contextmanager
-def before() -> Iterator[None]:
+def func_grad() -> Iterator[None]:
     """The client as it was: ``torch.func.grad`` for one restart too."""
     with mock.patch.object(client, "_plain_autograd_applies", lambda *args: False):
         yield
 
 
 @contextmanager
-def no_log() -> Iterator[None]:
-    """The suggested ``attack.py`` change, simulated: no per-step ``self.log``."""
-    with mock.patch.object(GradientInversion, "log", lambda self, *args, **kwargs: None):
+def log_every_step() -> Iterator[None]:
+    """``self.log`` on every step, as it was."""
+    with mock.patch.object(GradientInversion, "_logs_this_step", lambda self: True):
+        yield
+
+
+def _autograd_dots_and_squares(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    dots = torch.stack([(g * t).reshape(g.shape[0], -1).sum(1) for g, t in zip(dummy, target, strict=True)])
+    squares = torch.stack([(g * g).reshape(g.shape[0], -1).sum(1) for g in dummy])
+    return dots, squares
+
+
+@contextmanager
+def autograd_objective() -> Iterator[None]:
+    """The cosine's dots and squares left to autograd, as they were."""
+    with mock.patch.object(objectives, "dots_and_squares", _autograd_dots_and_squares):
         yield
 
 
@@ -59,9 +75,10 @@ def as_is() -> Iterator[None]:
 
 
 VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
-    "before": before,
-    "after": as_is,
-    "after, no self.log": no_log,
+    "func.grad": func_grad,
+    "log every step": log_every_step,
+    "autograd objective": autograd_objective,
+    "as is": as_is,
 }
 
 
@@ -89,10 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, clock {args.clock}\n"
     )
     names = ["plain", *VARIANTS]
+    undone = [n for n in VARIANTS if n != "as is"]
     print(
-        "| victim | R | " + " | ".join(f"{n} s/step" for n in names) + " | before ÷ plain | after ÷ plain |"
+        "| victim | R | "
+        + " | ".join(f"{n} s/step" for n in names)
+        + " | "
+        + " | ".join(f"{n} ÷ as is" for n in undone)
+        + " | as is ÷ plain |"
     )
-    print("|---|---|" + "---|" * (len(names) + 2))
+    print("|---|---|" + "---|" * (len(names) + len(undone) + 1))
     for name in args.victims:
         problem = speed.make_problem(name, device)
         for restarts in args.restarts:
@@ -106,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                     times[variant].append(timing.per_step)
             med = {n: statistics.median(t) for n, t in times.items()}
             cells = " | ".join(f"{med[n]:.4f}" for n in names)
+            gains = " | ".join(f"{med[n] / med['as is']:.2f}×" for n in undone)
             print(
-                f"| {name} | {restarts} | {cells} | {med['before'] / med['plain']:.2f}× | "
-                f"{med['after'] / med['plain']:.2f}× |",
+                f"| {name} | {restarts} | {cells} | {gains} | {med['as is'] / med['plain']:.2f}× |",
                 flush=True,
             )
 

@@ -9,6 +9,7 @@ from lightning_inversion.images import box_bounds, denormalize, median_filter3x3
 from lightning_inversion.objectives import (
     GradientMatching,
     decay_milestones,
+    dots_and_squares,
     layer_weights,
     matching_cost,
     select_layers,
@@ -69,6 +70,50 @@ def test_costs_are_batched_over_restarts():
     assert matching_cost([t[None] for t in TARGET], TARGET, [1, 1], "sim").item() == pytest.approx(
         0, abs=1e-6
     )
+
+
+def test_dots_and_squares_backward_matches_autograd():
+    # The hand-written backward (a t + 2 b g per tensor) against autograd on the plain expression, in fp64.
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (6, 4)]
+    dummy = [torch.randn(3, *s, dtype=torch.float64, generator=gen, requires_grad=True) for s in shapes]
+    target = [torch.randn(*s, dtype=torch.float64, generator=gen) for s in shapes]
+    assert torch.autograd.gradcheck(lambda *d: dots_and_squares(d, target), dummy)
+    dots, squares = dots_and_squares(dummy, target)
+    expected_dots = torch.stack([(g * t).flatten(1).sum(1) for g, t in zip(dummy, target)])
+    expected_squares = torch.stack([(g * g).flatten(1).sum(1) for g in dummy])
+    torch.testing.assert_close(dots, expected_dots)
+    torch.testing.assert_close(squares, expected_squares)
+    weights = [1.0, 0.5, 0.25]
+    for cost in ("sim", "simlocal"):
+        fused = torch.autograd.grad(matching_cost(dummy, target, weights, cost).sum(), dummy)
+        dot = [(g * t).flatten(1).sum(1) for g, t in zip(dummy, target)]
+        sq = [(g * g).flatten(1).sum(1) for g in dummy]
+        tsq = [t.pow(2).sum() for t in target]
+        if cost == "sim":
+            num = sum(w * d for w, d in zip(weights, dot))
+            den = (
+                sum(w * q for w, q in zip(weights, sq)).sqrt()
+                * sum(w * q for w, q in zip(weights, tsq)).sqrt()
+            )
+            reference = 1 - num / den
+        else:
+            reference = sum(1 - w * d / (q.sqrt() * u.sqrt()) for w, d, q, u in zip(weights, dot, sq, tsq))
+        by_autograd = torch.autograd.grad(reference.sum(), dummy)
+        for a, b in zip(fused, by_autograd):
+            torch.testing.assert_close(a, b)
+
+
+def test_dots_and_squares_under_torch_func():
+    # The attack may differentiate or batch the objective with torch.func (vmap over restarts, grad).
+    target = [torch.randn(3, 2, dtype=torch.float64)]
+    dummy = torch.randn(4, 3, 2, dtype=torch.float64)
+    by_func = torch.func.grad(lambda d: matching_cost([d], target, [1.0], "sim").sum())(dummy)
+    leaf = dummy.clone().requires_grad_()
+    (by_autograd,) = torch.autograd.grad(matching_cost([leaf], target, [1.0], "sim").sum(), leaf)
+    torch.testing.assert_close(by_func, by_autograd)
+    per_restart = torch.func.vmap(lambda d: dots_and_squares([d[None]], target)[0][0, 0])(dummy)
+    torch.testing.assert_close(per_restart, (dummy * target[0]).flatten(1).sum(1))
 
 
 def test_layer_selection():
