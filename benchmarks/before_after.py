@@ -10,6 +10,8 @@ load of a shared machine falls on all of them alike. Each undoes one change:
   the Trainer's logging steps and the last one; ``self.log`` costs about a millisecond a call);
 - ``autograd objective``: the cosine's per-tensor dots and squares differentiated by autograd (now:
   ``objectives.dots_and_squares``, whose backward is one product and one ``addcmul`` per tensor);
+- ``fused eval batch norm``: the victim's eval-mode batch norm through PyTorch's fused op (now:
+  ``client.EvalBatchNormAsAffine`` writes it out as ``x · s + c``, whose double backward is a few operations);
 - ``as is``: the code as it is;
 - ``plain``: the plain PyTorch loop of ``speed.py``, for the ratio.
 
@@ -69,6 +71,13 @@ def autograd_objective() -> Iterator[None]:
 
 
 @contextmanager
+def fused_eval_batch_norm() -> Iterator[None]:
+    """Eval-mode batch norm through the fused op, as it was."""
+    with mock.patch.object(client, "_has_batchnorm", lambda victim: False):
+        yield
+
+
+@contextmanager
 def as_is() -> Iterator[None]:
     """The code as it is."""
     yield
@@ -78,6 +87,7 @@ VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "func.grad": func_grad,
     "log every step": log_every_step,
     "autograd objective": autograd_objective,
+    "fused eval batch norm": fused_eval_batch_norm,
     "as is": as_is,
 }
 

@@ -1,11 +1,12 @@
-"""Operations and CPU time of one attack step's math, with the objective's backward by hand or by autograd.
+"""Operations and CPU time of one attack step's math, with and without the speed changes that cut operations.
 
 A GPU step of a mid-size victim is bound by kernel launches, and every aten operation is (at least) one launch.
 This counts the aten operations of one step's math (the client's update for the dummy images, the matching cost
-and TV, and the backward into the images; no Trainer) with torch.profiler, and times it on the CPU. Variants:
-``as is`` (``objectives.dots_and_squares``) and ``autograd objective`` (the per-tensor dots and squares left to
-autograd, as ``before_after.py`` does). A small input (``--size 32``) on a big victim makes the CPU step
-dispatch-bound too, a stand-in for a launch-bound GPU step.
+and TV, and the backward into the images; no Trainer) with torch.profiler, and times it on the CPU. Variants, as
+in ``before_after.py``: ``as is``; ``autograd objective`` (the per-tensor dots and squares left to autograd);
+``fused eval batch norm`` (the victim's eval-mode batch norm through PyTorch's fused op, not written out). A
+small input (``--size 32``) on a big victim makes the CPU step dispatch-bound too, a stand-in for a launch-bound
+GPU step.
 
 Example::
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import speed  # noqa: E402
-from before_after import autograd_objective  # noqa: E402
+from before_after import autograd_objective, fused_eval_batch_norm  # noqa: E402
 
 
 def aten_operations(step) -> int:
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     variants: dict[str, Callable[[], AbstractContextManager]] = {
         "autograd objective": autograd_objective,
+        "fused eval batch norm": fused_eval_batch_norm,
         "as is": nullcontext,
     }
     for restarts in args.restarts:

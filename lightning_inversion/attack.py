@@ -413,9 +413,15 @@ class GradientInversion(pl.LightningModule):
         if r == 1:  # a single restart does not pay for batching
             b = {k: v.clone() for k, v in buffers.items()} if train_mode else buffers
             return [g.unsqueeze(0) for g in one(images[0], labels[0] if soft else labels, b)]
-        if images.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self._has_batchnorm:
+        if (
+            train_mode
+            and images.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and self._has_batchnorm
+        ):
             # PyTorch's vmap rule for batch norm rejects bf16 inputs with fp32 weights on the CPU: there, and only
-            # there, restarts run one after another.
+            # there, restarts run one after another. (In eval mode the client writes batch norm out as an affine
+            # map, see client.EvalBatchNormAsAffine, and vmap takes it.)
             parts = [
                 self.dummy_update(images[i : i + 1], labels[i : i + 1] if soft else labels) for i in range(r)
             ]

@@ -241,9 +241,19 @@ def test_same_seed_and_config_give_the_same_images(tiny_victim, cat16):
     assert runs[0].reconstruction.stats["scores"] == runs[1].reconstruction.stats["scores"]
 
 
-def test_bf16_mixed_with_several_restarts_and_batchnorm(cat16):
-    victim = li.build_victim("ResNet20", 10, (3, 16, 16)).eval()  # BatchNorm, which vmap rejects in CPU bf16
-    result = run_api(victim, cat16, steps=3, restarts=2, trainer_kwargs={"precision": "bf16-mixed"})
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_bf16_mixed_with_several_restarts_and_batchnorm(cat16, train_mode):
+    # Eval mode: batch norm written out as an affine map, restarts under vmap. Training mode: the fused op, which
+    # vmap rejects in CPU bf16, so restarts run one after another.
+    victim = li.build_victim("ResNet20", 10, (3, 16, 16)).eval()
+    result = run_api(
+        victim,
+        cat16,
+        steps=3,
+        restarts=2,
+        client=li.Client(train_mode=train_mode),
+        trainer_kwargs={"precision": "bf16-mixed"},
+    )
     assert result.stats["restart_steps"] == [3, 3]
     assert all(math.isfinite(s) for s in result.stats["scores"])
     assert not torch.equal(result.restarts[0], result.restarts[1])
