@@ -275,9 +275,9 @@ def affine_batch_norm(
     """Eval-mode batch norm written as the per-channel affine map it is, ``x · s + c``; ``None`` where it is not.
 
     With running statistics and ``training=False``, ``F.batch_norm`` computes ``x · s + c`` with
-    ``s = w / sqrt(var + eps)`` and ``c = b − mean · s``. ``s`` and ``c`` are computed in the statistics' precision
-    and cast to the input's, as the fused kernel's output is. Returns ``None`` in training mode or without
-    running statistics (batch statistics are not an affine map).
+    ``s = w / sqrt(var + eps)`` and ``c = b − mean · s``, in the statistics' precision; a half-precision input is
+    computed in that precision and the output rounded to the input's, as the fused kernel does. Returns ``None`` in
+    training mode or without running statistics (batch statistics are not an affine map).
     """
     if training or running_mean is None or running_var is None:
         return None
@@ -289,9 +289,11 @@ def affine_batch_norm(
         shift = shift + bias
     shape = (1, -1) + (1,) * (input.dim() - 2)
     scale, shift = scale.reshape(shape), shift.reshape(shape)
-    if scale.dtype != input.dtype:
-        scale, shift = scale.to(input.dtype), shift.to(input.dtype)
-    return torch.addcmul(shift, input, scale)
+    if input.dtype == scale.dtype:
+        return torch.addcmul(shift, input, scale)
+    # Half-precision input (mixed precision): compute in the statistics' precision and round once, as the fused
+    # kernel does. Rounding s and c to bf16 first cost 0.4 dB more PSNR on the 8 offline photos.
+    return torch.addcmul(shift, input.to(scale.dtype), scale).to(input.dtype)
 
 
 class EvalBatchNormAsAffine(TorchFunctionMode):
