@@ -8,6 +8,7 @@ It is written with ``torch.func.functional_call`` and ``torch.func.grad``, so it
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -186,31 +187,19 @@ class Client:
         Returns:
             The update tensors, one per requested parameter (the average over clients under aggregation).
         """
-        if self.num_clients > 1:
-            per_client = self.split(images.shape[0])
-            updates = [
-                self._simulate_one(victim, params, buffers, x, y, only)
-                for x, y in zip(images.split(per_client), labels.split(per_client), strict=True)
-            ]
-            return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
-        return self._simulate_one(victim, params, buffers, images, labels, only)
+        victim.train(self.train_mode)
+        written_out = not self.train_mode and _has_batchnorm(victim)
+        with EvalBatchNormAsAffine() if written_out else contextlib.nullcontext():
+            if self.num_clients > 1:
+                per_client = self.split(images.shape[0])
+                updates = [
+                    self._simulate_one(victim, params, buffers, x, y, only)
+                    for x, y in zip(images.split(per_client), labels.split(per_client), strict=True)
+                ]
+                return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
+            return self._simulate_one(victim, params, buffers, images, labels, only)
 
     def _simulate_one(
-        self,
-        victim: nn.Module,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        images: Tensor,
-        labels: Tensor,
-        only: Sequence[int] | None,
-    ) -> list[Tensor]:
-        victim.train(self.train_mode)
-        if self.train_mode or not _has_batchnorm(victim):
-            return self._simulate_in_mode(victim, params, buffers, images, labels, only)
-        with EvalBatchNormAsAffine():
-            return self._simulate_in_mode(victim, params, buffers, images, labels, only)
-
-    def _simulate_in_mode(
         self,
         victim: nn.Module,
         params: dict[str, Tensor],
