@@ -8,9 +8,13 @@ in ``before_after.py``: ``as is``; ``autograd objective`` (the per-tensor dots a
 small input (``--size 32``) on a big victim makes the CPU step dispatch-bound too, a stand-in for a launch-bound
 GPU step.
 
-Example::
+Examples::
 
     OMP_NUM_THREADS=1 python benchmarks/step_ops.py --victim resnet18 --size 32 --restarts 1 8
+    python benchmarks/step_ops.py --device cuda --victim resnet18 --size 224 --restarts 1 8 --repeats 20
+
+On a GPU the time is wall time with ``torch.cuda.synchronize`` after each step; µs per operation then tells
+whether a step is bound by launches (about constant across victims and restarts) or by arithmetic.
 """
 
 from __future__ import annotations
@@ -47,12 +51,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--restarts", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (main-thread CPU time) or cuda (synchronised wall time)"
+    )
     args = parser.parse_args(argv)
     speed.SETTINGS[args.victim] = (args.size, speed.SETTINGS.get(args.victim, (32, 10))[1])
-    problem = speed.make_problem(args.victim, torch.device("cpu"))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time of the main thread\n")
-    print("| victim | input | R | variant | aten operations per step | ms per step |")
-    print("|---|---|---|---|---|---|")
+    device = torch.device(args.device)
+    problem = speed.make_problem(args.victim, device)
+    on_gpu = device.type == "cuda"
+    clock = time.perf_counter if on_gpu else time.thread_time
+    what = (
+        "wall time, synchronised"
+        if on_gpu
+        else f"CPU time of the main thread, {torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, device {device}, {what}\n")
+    print("| victim | input | R | variant | aten operations per step | ms per step | µs per operation |")
+    print("|---|---|---|---|---|---|---|")
     variants: dict[str, Callable[[], AbstractContextManager]] = {
         "autograd objective": autograd_objective,
         "fused eval batch norm": fused_eval_batch_norm,
@@ -72,12 +87,15 @@ def main(argv: list[str] | None = None) -> None:
                 count = aten_operations(step)
                 times = []
                 for _ in range(args.repeats):
-                    t0 = time.thread_time()
+                    speed._sync(device)
+                    t0 = clock()
                     step()
-                    times.append(time.thread_time() - t0)
+                    speed._sync(device)
+                    times.append(clock() - t0)
+            ms = statistics.median(times) * 1e3
             print(
-                f"| {args.victim} | {args.size}×{args.size} | {restarts} | {name} | {count} | "
-                f"{statistics.median(times) * 1e3:.1f} |",
+                f"| {args.victim} | {args.size}×{args.size} | {restarts} | {name} | {count} | {ms:.1f} | "
+                f"{ms * 1e3 / count:.1f} |",
                 flush=True,
             )
 
