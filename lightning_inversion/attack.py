@@ -441,7 +441,7 @@ class GradientInversion(pl.LightningModule):
         Under mixed precision the victim's passes run in half precision; the dummy update is cast to fp32 and the
         objective runs outside autocast, so the cosine is never rounded in half precision.
         """
-        dummy = [g.float() for g in self.dummy_update(images, labels)]  # no copy when already fp32
+        dummy = self.dummy_update(images, labels)  # the objective casts to fp32 what is not
         with torch.autocast(self.device.type, enabled=False):
             return self.objective(dummy), total_variation(images.float())
 

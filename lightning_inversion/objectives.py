@@ -107,11 +107,12 @@ class _DotsAndSquares(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_dots: Tensor, grad_squares: Tensor) -> tuple:
         dummy = ctx.saved_tensors
+        twice_grad_squares = 2 * grad_squares  # one operation for all tensors, not one each
         grads = []
         for i, (g, t) in enumerate(zip(dummy, ctx.targets, strict=True)):
             per_restart = (g.shape[0],) + (1,) * (g.dim() - 1)
             a = grad_dots[i].reshape(per_restart)
-            b = (2 * grad_squares[i]).reshape(per_restart)
+            b = twice_grad_squares[i].reshape(per_restart)
             grads.append(torch.addcmul(g * b, t, a))
         return (None, *grads)
 
@@ -216,7 +217,7 @@ class GradientMatching(nn.Module):
 
     def forward(self, dummy: Sequence[Tensor]) -> Tensor:
         """``dummy``: one ``(R, *shape)`` tensor per *selected* parameter. Returns ``(R,)`` costs in fp32."""
-        dummy = [g.float() for g in dummy]
+        dummy = [g if g.dtype == torch.float32 else g.float() for g in dummy]
         return matching_cost(dummy, self.targets, self.weights, self.cost, self.target_sq_norms)
 
 
