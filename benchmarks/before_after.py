@@ -8,7 +8,8 @@ load of a shared machine falls on all of them alike. Each undoes one change:
   wrapping);
 - ``log every step``: the four ``self.log`` calls of ``GradientInversion.training_step`` on every step (now: on
   the Trainer's logging steps and the last one; ``self.log`` costs about a millisecond a call);
-- ``autograd objective``: the cosine's per-tensor dots and squares differentiated by autograd (now:
+- ``autograd objective``: the cosine per tensor, its dots and squares differentiated by autograd, as in session 1
+  (now: one concatenated vector, ``GradientMatching._flat_cosine_cost``; other costs use
   ``objectives.dots_and_squares``, whose backward is one product and one ``addcmul`` per tensor);
 - ``fused eval batch norm``: the victim's eval-mode batch norm through PyTorch's fused op (now:
   ``client.EvalBatchNormAsAffine`` writes it out as ``x · s + c``, whose double backward is a few operations);
@@ -63,10 +64,17 @@ def _autograd_dots_and_squares(dummy: Sequence[Tensor], target: Sequence[Tensor]
     return dots, squares
 
 
+def _per_tensor_cost(self: objectives.GradientMatching, dummy: Sequence[Tensor]) -> Tensor:
+    return objectives.matching_cost(dummy, self.targets, self.weights, "sim", self.target_sq_norms)
+
+
 @contextmanager
 def autograd_objective() -> Iterator[None]:
-    """The cosine's dots and squares left to autograd, as they were."""
-    with mock.patch.object(objectives, "dots_and_squares", _autograd_dots_and_squares):
+    """The cosine per tensor, its dots and squares left to autograd, as they were."""
+    with (
+        mock.patch.object(objectives, "dots_and_squares", _autograd_dots_and_squares),
+        mock.patch.object(objectives.GradientMatching, "_flat_cosine_cost", _per_tensor_cost),
+    ):
         yield
 
 

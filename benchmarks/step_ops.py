@@ -3,7 +3,9 @@
 A GPU step of a mid-size victim is bound by kernel launches, and every aten operation is (at least) one launch.
 This counts the aten operations of one step's math (the client's update for the dummy images, the matching cost
 and TV, and the backward into the images; no Trainer) with torch.profiler, and times it on the CPU. Variants, as
-in ``before_after.py``: ``as is``; ``autograd objective`` (the per-tensor dots and squares left to autograd);
+in ``before_after.py``: ``as is``; ``autograd objective`` (the cosine per tensor, left to autograd);
+``flat objective`` on a CPU / ``per-tensor objective`` on a GPU (the form of the cosine the device does not use by
+default, see ``GradientMatching(flat=...)``);
 ``fused eval batch norm`` (the victim's eval-mode batch norm through PyTorch's fused op, not written out). A
 small input (``--size 32``) on a big victim makes the CPU step dispatch-bound too, a stand-in for a launch-bound
 GPU step.
@@ -23,8 +25,8 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -35,12 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import speed  # noqa: E402
 from before_after import autograd_objective, fused_eval_batch_norm  # noqa: E402
 
+from lightning_inversion.objectives import GradientMatching  # noqa: E402
+
 
 def aten_operations(step) -> int:
     """The aten operations one call of ``step`` runs (nested ones included, as the dispatcher sees them)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+@contextmanager
+def objective_form(module, flat: bool) -> Iterator[None]:
+    """The module's cosine over one concatenated vector (``flat``) or per tensor, whatever the device."""
+    current = module.objective
+    other = GradientMatching(module.update.tensors, flat=flat).to(module.device)
+    module.__dict__["objective"] = other
+    try:
+        yield
+    finally:
+        module.__dict__["objective"] = current
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,14 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, device {device}, {what}\n")
     print("| victim | input | R | variant | aten operations per step | ms per step | µs per operation |")
     print("|---|---|---|---|---|---|---|")
-    variants: dict[str, Callable[[], AbstractContextManager]] = {
-        "autograd objective": autograd_objective,
-        "fused eval batch norm": fused_eval_batch_norm,
-        "as is": nullcontext,
-    }
     for restarts in args.restarts:
         module = speed.make_module(problem, restarts)
         module.on_fit_start()
+        flat = not module.objective.flat  # the other form of the cosine than this device's default
+        variants: dict[str, Callable[[], AbstractContextManager]] = {
+            "autograd objective": autograd_objective,
+            "fused eval batch norm": fused_eval_batch_norm,
+            f"{'flat' if flat else 'per-tensor'} objective": lambda m=module, f=flat: objective_form(m, f),
+            "as is": nullcontext,
+        }
 
         def step(module=module) -> None:
             cost, tv = module.restart_costs(module.dummy_images, module.target_labels)

@@ -382,8 +382,16 @@ class GradientInversion(pl.LightningModule):
         self.update = update
         # The objective holds the target's selection and norms, prepared once; kept out of the module tree so
         # that DDP never broadcasts the target gradient as a buffer.
+        # On a GPU the cosine runs over one concatenated vector (fewer kernel launches); on a CPU per tensor, which
+        # is faster there (BENCHMARKS.md, "Speed changes made").
         self.__dict__["objective"] = GradientMatching(
-            update.tensors, self.cost, self.layers, self.layers_k, self.layer_indices, self.layer_weighting
+            update.tensors,
+            self.cost,
+            self.layers,
+            self.layers_k,
+            self.layer_indices,
+            self.layer_weighting,
+            flat=self.device.type == "cuda",
         ).to(self.device)
         low, high = box_bounds(self.mean, self.std, self.dummy_images)
         self.__dict__["_box"] = (low, high)

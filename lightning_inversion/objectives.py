@@ -186,6 +186,10 @@ class GradientMatching(nn.Module):
         cost: see :func:`matching_cost`.
         selection, k, indices: which tensors to compare, see :func:`select_layers`.
         weighting: per-tensor weights, see :func:`layer_weights` (indexed over *all* tensors, then selected).
+        flat: compute ``sim`` over one concatenated vector (:meth:`_flat_cosine_cost`) instead of per tensor. Same
+            value; a handful of operations instead of a dozen per tensor, for one extra copy of the gradient. The
+            attack uses it on GPUs, where a step pays per kernel launch. On this project's CPU the copies cost more
+            than the operations saved.
     """
 
     def __init__(
@@ -196,9 +200,11 @@ class GradientMatching(nn.Module):
         k: int | None = None,
         indices: Sequence[int] | None = None,
         weighting: LayerWeighting = "equal",
+        flat: bool = False,
     ) -> None:
         super().__init__()
         self.cost = cost
+        self.flat = flat and cost == "sim"
         self.indices = select_layers(target, selection, k, indices)
         all_weights = layer_weights(len(target), weighting)
         self.weights = [all_weights[i] for i in self.indices]
@@ -206,6 +212,15 @@ class GradientMatching(nn.Module):
             t = target[i].detach().float()
             self.register_buffer(f"target_{j}", t, persistent=False)
             self.register_buffer(f"target_sq_{j}", t.pow(2).sum(), persistent=False)
+        if self.flat:  # one concatenated vector: see _flat_cosine_cost
+            selected = [target[i].detach().float().flatten() for i in self.indices]
+            weighted = torch.cat([w * t for w, t in zip(self.weights, selected, strict=True)])
+            self.register_buffer("flat_target", weighted, persistent=False)
+            total = sum(w * t.pow(2).sum() for w, t in zip(self.weights, selected, strict=True))
+            self.register_buffer("target_norm", torch.as_tensor(total).sqrt(), persistent=False)
+            per_entry = [torch.full((t.numel(),), w) for w, t in zip(self.weights, selected, strict=True)]
+            weights = torch.cat(per_entry) if any(w != 1.0 for w in self.weights) else None
+            self.register_buffer("flat_weights", weights, persistent=False)
 
     @property
     def targets(self) -> list[Tensor]:
@@ -217,8 +232,28 @@ class GradientMatching(nn.Module):
 
     def forward(self, dummy: Sequence[Tensor]) -> Tensor:
         """``dummy``: one ``(R, *shape)`` tensor per *selected* parameter. Returns ``(R,)`` costs in fp32."""
+        if self.flat:
+            return self._flat_cosine_cost(dummy)
         dummy = [g if g.dtype == torch.float32 else g.float() for g in dummy]
         return matching_cost(dummy, self.targets, self.weights, self.cost, self.target_sq_norms)
+
+    def _flat_cosine_cost(self, dummy: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
+        """``sim`` over one concatenated ``(R, N)`` vector: the same value as :func:`matching_cost`.
+
+        Per tensor, the cost and its backward dispatch about 18 operations per tensor (ResNet-18: 62 tensors, about
+        1,100 operations per step), and a GPU step of a mid-size victim pays per operation. Concatenated, it is one
+        copy of the gradient and a handful of operations. A product and a pairwise sum keep it as accurate as the
+        per-tensor sums (about 4e-8 relative against fp64 on ResNet-18; a BLAS dot would not be).
+        """
+        flat = torch.cat([g.reshape(g.shape[0], -1) for g in dummy], dim=1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        dots = (flat * self.flat_target).sum(1)
+        squares = flat * flat
+        if self.flat_weights is not None:
+            squares = squares * self.flat_weights
+        norms = squares.sum(1).sqrt() * self.target_norm
+        return 1 - dots / norms.clamp_min(eps)
 
 
 def total_variation(images: Tensor) -> Tensor:

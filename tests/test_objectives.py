@@ -116,6 +116,26 @@ def test_dots_and_squares_are_accurate_in_fp32():
     assert ((dots.double() - exact_dots).abs() / (exact_squares.sqrt() * target_norms)).max() < 1e-6  # cosine
 
 
+@pytest.mark.parametrize("weighting", ["equal", "linear"])
+def test_the_flat_cosine_equals_the_per_tensor_one(weighting):
+    # GPUs run the cosine over one concatenated vector: the same value and gradient, selection and weights included.
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (6, 4), (6,)]
+    target = [torch.randn(*s, generator=gen) for s in shapes]
+    dummy = [torch.randn(3, *s, generator=gen, requires_grad=True) for s in shapes[1:]]
+    costs, grads = [], []
+    for flat in (False, True):
+        objective = GradientMatching(target, "sim", selection="last", k=3, weighting=weighting, flat=flat)
+        assert objective.flat is flat
+        cost = objective(dummy)
+        costs.append(cost)
+        grads.append(torch.autograd.grad(cost.sum(), dummy))
+    torch.testing.assert_close(costs[1], costs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)
+    assert not GradientMatching(target, "l2", flat=True).flat  # only the cosine has a flat form
+
+
 def test_dots_and_squares_under_torch_func():
     # The attack may differentiate or batch the objective with torch.func (vmap over restarts, grad).
     target = [torch.randn(3, 2, dtype=torch.float64)]
