@@ -281,7 +281,7 @@ def affine_batch_norm(
     if input.dtype == scale.dtype:
         return torch.addcmul(shift, input, scale)
     # Half-precision input (mixed precision): compute in the statistics' precision and round once, as the fused
-    # kernel does. Rounding s and c to bf16 first cost 0.4 dB more PSNR on the 8 offline photos.
+    # kernel does, rather than rounding s and c to half precision first.
     return torch.addcmul(shift, input.to(scale.dtype), scale).to(input.dtype)
 
 
@@ -292,7 +292,7 @@ class EvalBatchNormAsAffine(TorchFunctionMode):
     The attack differentiates the client's gradient, so it runs the victim's double backward. PyTorch's double
     backward of the fused batch norm (``batchnorm_double_backward``) is written for training mode and runs dozens
     of operations per layer even in eval mode. Written out as a product and a sum, autograd needs a few. ResNet-18
-    with 8 restarts: 11,418 → 7,023 operations per attack step, the same cost and gradient to float rounding
+    with 8 restarts: 10,865 → 6,470 operations per attack step, the same cost and gradient to float rounding
     (``benchmarks/step_ops.py``). On a GPU, where such a step is bound by kernel launches, fewer operations is
     what counts. BatchNorm in training mode (``Client(train_mode=True)``) keeps the fused op.
     """
