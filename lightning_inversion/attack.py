@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from .client import Client, Update
+from .client import Client, Update, _has_batchnorm
 from .images import IMAGENET_MEAN, IMAGENET_STD, box_bounds, denormalize, median_filter3x3, project_box
 from .labels import batch_label_counts, idlg_label
 from .objectives import (
@@ -441,7 +441,7 @@ class GradientInversion(pl.LightningModule):
 
     @property
     def _has_batchnorm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.victim.modules())
+        return _has_batchnorm(self.victim)
 
     def restart_costs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Matching cost and total variation of each restart, both ``(r,)`` in fp32.

@@ -1,4 +1,5 @@
-"""The client's eval-mode batch norm, written out as an affine map: same values, same derivatives, fewer ops."""
+"""The client and BatchNorm: eval mode written out as an affine map (same values and derivatives, fewer ops);
+training mode (batch statistics) under torch.func, for FedAvg and batched restarts."""
 
 import copy
 from unittest import mock
