@@ -1,9 +1,9 @@
-"""Checkpoints that never run code, are checked on reading and survive a failed write.
+"""Checkpoints that never run code, are checked on reading and survive a failed write (no Lightning here).
 
 Every checkpoint the scripts read, local (a path or ``file://``) or remote (``http(s)://`` and the other ``fsspec``
 protocols), resumed or only inspected, goes through :func:`read_checkpoint`: ``torch.load(weights_only=True)``, whose
 restricted unpickler admits tensors and plain Python values only, so a crafted checkpoint cannot run its payload.
-:class:`SafeCheckpointIO` is the Trainer's checkpoint plugin built on it:
+The Trainer's checkpoint plugin built on it (``lightning_inversion.cli.SafeCheckpointIO``):
 
     reading   always ``weights_only=True`` (Lightning's own loader unpickles remote files with
               ``weights_only=False``), and the checksum is verified.
@@ -32,8 +32,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from lightning_fabric.utilities.types import _PATH
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +76,12 @@ def checkpoint_checksum(checkpoint: dict) -> str:
     return digest({k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY})
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return urlparse(path).path if path.startswith("file://") else path
+def local_path(path: str | os.PathLike) -> str | None:
+    """The file behind a path or a ``file://`` URL; ``None`` for a remote URL."""
+    path = str(path)
+    if path.startswith("file://"):
+        return urlparse(path).path
+    return None if "://" in path else path
 
 
 def _reason(error: BaseException) -> str:
@@ -106,7 +104,7 @@ def _open_bytes(path: str) -> io.BytesIO:
         return io.BytesIO(f.read())
 
 
-def read_checkpoint(path: _PATH, verify: bool = True) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` on the CPU, from a local path or a URL.
 
     Args:
@@ -119,12 +117,11 @@ def read_checkpoint(path: _PATH, verify: bool = True) -> dict[str, Any]:
     """
     path = str(path)
     try:
-        if _is_remote(path):
-            source: Any = _open_bytes(path)
-        else:
-            source = _local(path)
-            if not os.path.isfile(source):
-                raise CheckpointError(f"checkpoint not found: {path}")
+        source: Any = local_path(path)
+        if source is None:
+            source = _open_bytes(path)
+        elif not os.path.isfile(source):
+            raise CheckpointError(f"checkpoint not found: {path}")
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -157,7 +154,7 @@ def read_checkpoint(path: _PATH, verify: bool = True) -> dict[str, Any]:
     return checkpoint
 
 
-def write_atomically(save: Callable[[io.BufferedWriter], None], path: _PATH) -> None:
+def write_atomically(save: Callable[[io.BufferedWriter], None], path: str | os.PathLike) -> None:
     """Write a file through a temporary file in the same folder, flushed to disk, then renamed over ``path``.
 
     If writing fails (a full disk, a crash), ``path`` keeps its previous contents and the temporary file is removed.
@@ -184,36 +181,3 @@ def write_atomically(save: Callable[[io.BufferedWriter], None], path: _PATH) -> 
             os.fsync(folder)
         finally:
             os.close(folder)
-
-
-class SafeCheckpointIO(TorchCheckpointIO):
-    """The Trainer's checkpoint plugin: checksummed atomic writes, reads with ``weights_only=True`` only.
-
-    ``prime(path, checkpoint)`` hands over a checkpoint the CLI has already read and checked, so the Trainer does
-    not read (or download) it a second time.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._primed: dict[str, dict] = {}
-
-    def prime(self, path: _PATH, checkpoint: dict) -> None:
-        self._primed = {str(path): checkpoint}
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        checkpoint[CHECKSUM_KEY] = checkpoint_checksum(checkpoint)
-        path = str(path)
-        if _is_remote(path):
-            super().save_checkpoint(checkpoint, path)
-        else:
-            write_atomically(lambda f: torch.save(checkpoint, f), _local(path))
-
-    def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        checkpoint = self._primed.pop(str(path), None)
-        return checkpoint if checkpoint is not None else read_checkpoint(path)

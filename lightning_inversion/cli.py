@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 from pytorch_lightning import LightningModule, Trainer
@@ -19,7 +20,14 @@ from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 
 from .attack import GradientInversion, TargetMismatchError
-from .checkpoints import CheckpointError, SafeCheckpointIO, read_checkpoint
+from .checkpoints import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    checkpoint_checksum,
+    local_path,
+    read_checkpoint,
+    write_atomically,
+)
 from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
@@ -242,9 +250,14 @@ class InversionCLI(LightningCLI):
             if resumed is not None:
                 path, checkpoint = resumed
                 stored = _stored_update(path, checkpoint)
-                reason = _other_run(model, checkpoint, target=given)
+                reason = _other_run(model, checkpoint, target=None)
                 if reason is not None:
                     raise CheckpointError(f"{path} cannot be continued by this run: {reason}")
+                if given is not None and not _same_update(given, stored):
+                    raise CheckpointError(
+                        f"--update {config['update']} is not the update the checkpoint {path} attacks: leave out "
+                        "--update to continue that attack, or start a new run without --ckpt_path"
+                    )
                 target = stored
                 self._hand_over(path, checkpoint)
             model.set_target(target)
@@ -475,6 +488,39 @@ def _same_value(a, b) -> bool:
 
 def _shown(value) -> str:
     return str(list(value) if isinstance(value, tuple) else value)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """The Trainer's checkpoint plugin: checksummed atomic writes, reads with ``weights_only=True`` only.
+
+    ``prime(path, checkpoint)`` hands over a checkpoint the CLI has already read and checked, so the Trainer does
+    not read (or download) it a second time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._primed: dict[str, dict] = {}
+
+    def prime(self, path: str | os.PathLike, checkpoint: dict) -> None:
+        self._primed = {str(path): checkpoint}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        checkpoint[CHECKSUM_KEY] = checkpoint_checksum(checkpoint)
+        local = local_path(path)
+        if local is None:
+            super().save_checkpoint(checkpoint, path)
+        else:
+            write_atomically(lambda f: torch.save(checkpoint, f), local)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        checkpoint = self._primed.pop(str(path), None)
+        return checkpoint if checkpoint is not None else read_checkpoint(path)
 
 
 def _class_name(callback) -> str:
