@@ -472,6 +472,8 @@ def _plain_value_of(hint, value) -> bool:
             return isinstance(value, int | float) and not isinstance(value, bool)
         if issubclass(hint, int | str):
             return isinstance(value, hint.__mro__[-2]) and not isinstance(value, bool)
+        if hint.__module__ == "jsonargparse.typing":  # path types (Path_fr, ...): a plain string
+            return isinstance(value, str)
     return False
 
 

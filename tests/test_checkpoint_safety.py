@@ -15,9 +15,11 @@ import torch
 import yaml
 from test_trainer_features import SMALL
 
+from lightning_inversion.checkpoints import checkpoint_checksum
 from lightning_inversion.classifier import VictimClassifier
 from lightning_inversion.cli import main
 from lightning_inversion.client import Update
+from lightning_inversion.data import MissingDataError, PhotoData
 from lightning_inversion.update_io import save_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,14 @@ def test_a_checkpoint_cannot_make_the_cli_import_a_module(attack_run, tmp_path, 
     assert_refused(code, err, "planted.ckpt", "optimizer")
 
 
+def test_a_checkpoint_of_the_attack_resumes_from_a_url(attack_run, tmp_path, served):
+    """Reading only with weights_only=True still resumes a real checkpoint over HTTP (read once, then handed over)."""
+    shutil.copy(attack_run[1], tmp_path / "last.ckpt")
+    argv = ["fit", *SMALL, "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    resumed = main([*argv, f"--ckpt_path={served}/last.ckpt"])
+    assert resumed.trainer.global_step == 3 and resumed.model.restart_steps.tolist() == [3]
+
+
 # --- silent wrong results -------------------------------------------------------------------------------------
 def test_options_that_contradict_the_checkpoint_are_refused(attack_run, tmp_path, monkeypatch, capsys):
     ckpt = attack_run[1]
@@ -197,6 +207,33 @@ def test_last_continues_only_a_checkpoint_of_the_same_run(attack_run, tmp_path, 
     assert_refused(code, err, str(found), "another target update")
     code, err = run_script(monkeypatch, capsys, [*argv, "--model.seed=5"])
     assert_refused(code, err, str(found), "seed")
+
+
+def test_last_without_the_private_data_needs_one_target(attack_run, tmp_path, monkeypatch, capsys):
+    """Without the data (and without --update) the target is unknown: the matching checkpoints must agree on it."""
+
+    def missing(self):
+        raise MissingDataError("the private photos are gone")
+
+    monkeypatch.setattr(PhotoData, "attack_targets", missing)
+    place(attack_run[1], tmp_path)
+    argv = [
+        "fit",
+        *SMALL,
+        "--trainer.max_steps=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--ckpt_path=last",
+    ]
+    with pytest.warns(UserWarning, match="its target update is not checked"):
+        resumed = main(argv)
+    assert resumed.trainer.global_step == 3
+
+    other = torch.load(attack_run[1], weights_only=True)  # the same configuration attacking another update
+    other["target_update"]["tensors"] = [t * 2 for t in other["target_update"]["tensors"]]
+    other["checksum"] = checkpoint_checksum(other)
+    torch.save(other, place(attack_run[1], tmp_path, version=5))
+    code, err = run_script(monkeypatch, capsys, argv)
+    assert_refused(code, err, "attack different updates", "--ckpt_path PATH")
 
 
 def flip_a_byte_of(tensor: torch.Tensor, path: Path) -> None:
