@@ -6,8 +6,11 @@ import http.server
 import io
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -334,3 +337,27 @@ def test_bad_files_end_with_one_line_naming_them(attack_run, tmp_path, monkeypat
     for option in ("ckpt_path", "model.victim_weights", "model.victim_checkpoint"):
         code, err = run_script(monkeypatch, capsys, [*argv, f"--{option}={truncated}"])
         assert_refused(code, err, str(truncated))
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_checkpointing_resumes_bitwise(tmp_path):
+    """SIGKILL at any moment, checkpoint writes included: ``--ckpt_path last`` ends with the straight run's images."""
+    every = '[{"class_path": "ModelCheckpoint", "init_args": {"every_n_train_steps": 20, "save_last": true}}]'
+    args = [*SMALL, "--trainer.max_steps=600", f"--trainer.callbacks={every}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "invert.py", "fit", *args, f"--trainer.default_root_dir={killed}"]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)  # somewhere in the following steps and checkpoint writes
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists()
+
+    resumed = main(["fit", *args, f"--trainer.default_root_dir={killed}", "--ckpt_path=last"])
+    assert 0 < torch.load(resumed.trainer.ckpt_path, weights_only=True)["global_step"] < 600
+    straight = main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'straight'}"])
+    assert torch.equal(resumed.model.dummy_images, straight.model.dummy_images)
