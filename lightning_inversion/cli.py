@@ -190,8 +190,8 @@ class InversionCLI(LightningCLI):
         io = strategy.checkpoint_io
         if isinstance(io, _WrappingCheckpointIO):
             if io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO:
-                io.checkpoint_io = SafeCheckpointIO()
-                io = io.checkpoint_io
+                io._checkpoint_io = SafeCheckpointIO()  # the setter keeps a base IO already set
+            io = io.checkpoint_io
         elif type(io) is TorchCheckpointIO:
             strategy.checkpoint_io = io = SafeCheckpointIO()
         if not isinstance(io, SafeCheckpointIO):
