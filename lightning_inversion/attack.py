@@ -21,8 +21,9 @@ What the Trainer adds:
     mixed precision  ``bf16-mixed``/``16-mixed`` run the victim's passes in half precision; the dummy images, their
                      gradients (sign step, box) and the matching objective stay in fp32. True half precision
                      (``bf16-true``, ``16-true``) is refused: it rounds the cosine loss to zero.
-    checkpoints      the dummy images, optimiser and scheduler state, step, restart counters, torch RNG state and
-                     the target update; ``fit(ckpt_path=...)`` continues bit-identically. The learning-rate
+    checkpoints      the dummy images, optimiser and scheduler state, step, restart counters, torch RNG state,
+                     the target update and what identifies the run (:meth:`GradientInversion.run_identity`);
+                     ``fit(ckpt_path=...)`` continues bit-identically. The learning-rate
                      milestones are those of the checkpointed run (the scheduler state wins over a new max_steps).
 """
 

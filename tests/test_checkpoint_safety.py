@@ -281,6 +281,8 @@ def test_last_falls_back_to_the_newest_readable_checkpoint(attack_run, tmp_path)
     with pytest.warns(UserWarning, match="resuming from the newest readable checkpoint"):
         resumed = main(argv)
     assert Path(resumed.trainer.ckpt_path) == step2 and resumed.trainer.global_step == 3
+    recorded = yaml.safe_load((Path(resumed.trainer.log_dir) / "config.yaml").read_text())
+    assert recorded["ckpt_path"] == str(step2)  # what ran, not "last"
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(attack_run, tmp_path, monkeypatch):
