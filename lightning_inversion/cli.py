@@ -250,7 +250,7 @@ class InversionCLI(LightningCLI):
             if resumed is not None:
                 path, checkpoint = resumed
                 stored = _stored_update(path, checkpoint)
-                reason = _other_run(model, checkpoint, target=None)
+                reason = _other_run(model, checkpoint, target=None, named=True)
                 if reason is not None:
                     raise CheckpointError(f"{path} cannot be continued by this run: {reason}")
                 if given is not None and not _same_update(given, stored):
@@ -417,8 +417,14 @@ def _check_hyperparameters(model: LightningModule, path: str, checkpoint: dict) 
         )
 
 
-def _other_run(model: GradientInversion, checkpoint: dict, target: Update | None) -> str | None:
-    """Why an attack checkpoint is not of this run (``None``: it is); ``target``: this run's update if known."""
+def _other_run(
+    model: GradientInversion, checkpoint: dict, target: Update | None, named: bool = False
+) -> str | None:
+    """Why an attack checkpoint is not of this run (``None``: it is); ``target``: this run's update if known.
+
+    A checkpoint the user ``named`` (``--ckpt_path PATH``) that records no run identity (written by an earlier
+    version) is accepted with a warning; ``--ckpt_path last`` never picks one.
+    """
     if "target_update" not in checkpoint:
         return "not a checkpoint of the attack"
     differ = _hyperparameter_differences(model, checkpoint)
@@ -426,7 +432,12 @@ def _other_run(model: GradientInversion, checkpoint: dict, target: Update | None
         return "; ".join(differ)
     identity = checkpoint.get("attack_identity")
     if not isinstance(identity, dict):
-        return "it records no victim, client or optimiser to compare with"
+        if not named:
+            return "it records no victim, client or optimiser to compare with"
+        log.warning(
+            "the checkpoint records no victim, client or optimiser: they are not checked against this run"
+        )
+        identity = model.run_identity()
     mine = model.run_identity()
     if identity.get("victim") != mine["victim"]:
         return "other victim weights"
