@@ -21,8 +21,9 @@ What the Trainer adds:
     mixed precision  ``bf16-mixed``/``16-mixed`` run the victim's passes in half precision; the dummy images, their
                      gradients (sign step, box) and the matching objective stay in fp32. True half precision
                      (``bf16-true``, ``16-true``) is refused: it rounds the cosine loss to zero.
-    checkpoints      the dummy images, optimiser and scheduler state, step, restart counters, torch RNG state and
-                     the target update; ``fit(ckpt_path=...)`` continues bit-identically. The learning-rate
+    checkpoints      the dummy images, optimiser and scheduler state, step, restart counters, torch RNG state,
+                     the target update and what identifies the run (:meth:`GradientInversion.run_identity`);
+                     ``fit(ckpt_path=...)`` continues bit-identically. The learning-rate
                      milestones are those of the checkpointed run (the scheduler state wins over a new max_steps).
 """
 
@@ -549,9 +550,26 @@ class GradientInversion(pl.LightningModule):
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     # Everything saved here is tensors and plain Python values: checkpoints load with ``weights_only=True``.
+    def run_identity(self) -> dict:
+        """What, besides the hyper-parameters and the target update, makes two runs the same attack.
+
+        The digest of the victim's weights, the client's protocol and the optimiser; saved in every checkpoint
+        (``attack_identity``) so that a resumed run can check that it continues the same attack.
+        """
+        if "_identity" not in self.__dict__:
+            from .checkpoints import digest
+
+            self.__dict__["_identity"] = {
+                "victim": digest(dict(self.victim.state_dict())),
+                "client": {k: v for k, v in sorted(vars(self.client).items()) if _plain(v)},
+                "optimizer": _describe(self.optimizer_factory),
+            }
+        return self.__dict__["_identity"]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.update is not None:
             checkpoint["target_update"] = self.update.state_dict()
+        checkpoint["attack_identity"] = self.run_identity()
         checkpoint["attack_seconds"] = self._elapsed()
         if self._trainer is not None:
             checkpoint["attack_max_steps"] = int(self.trainer.max_steps)
@@ -664,6 +682,24 @@ class GradientInversion(pl.LightningModule):
             "seconds": round(self._seconds, 3),
         }
         return Reconstruction(images.cpu(), labels.cpu(), restarts.cpu(), stats)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _describe(factory) -> str:
+    """A stable description of an optimiser factory: its qualified name and any bound arguments."""
+    import functools
+
+    if isinstance(factory, functools.partial):
+        bound = [_describe(a) if callable(a) else repr(a) for a in factory.args]
+        bound += [f"{k}={v!r}" for k, v in sorted(factory.keywords.items())]
+        return f"{_describe(factory.func)}({', '.join(bound)})"
+    target = factory if callable(factory) and hasattr(factory, "__qualname__") else type(factory)
+    return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
 
 
 def _same(a, b) -> bool:

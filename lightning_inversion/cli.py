@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
-from pytorch_lightning import LightningModule
+from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
 
 from .attack import GradientInversion, TargetMismatchError
+from .checkpoints import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    checkpoint_checksum,
+    local_path,
+    read_checkpoint,
+    write_atomically,
+)
 from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
@@ -21,7 +36,12 @@ from .report import InversionReport
 log = logging.getLogger(__name__)
 
 # Errors that mean "something the user must provide is missing or wrong": a message, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (MissingDataError, TargetMismatchError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    MissingDataError,
+    TargetMismatchError,
+    FileNotFoundError,
+    CheckpointError,
+)
 
 # The attack's Trainer callbacks unless --trainer.callbacks says otherwise: a checkpoint of the whole run
 # (last.ckpt) every 500 steps, and the learning rate among the logged scalars.
@@ -52,13 +72,20 @@ class InversionCLI(LightningCLI):
     batch, hands the update to the attack and the ground truth to the report, and only then runs the Trainer.
 
     The attack checkpoints itself (``last.ckpt`` every 500 steps, :data:`ATTACK_CALLBACKS`) and logs its learning
-    rate. ``fit --ckpt_path PATH`` (or ``last``: the newest ``last*.ckpt`` under the run's root and checkpoint
-    folders, whatever logger version wrote it) continues a run from the update saved in the checkpoint, without
-    the private data; the ground truth is still loaded for the report when the data is there.
+    rate. ``fit --ckpt_path PATH`` (a file or a URL) continues a run from the update saved in the checkpoint,
+    without the private data; the ground truth is still loaded for the report when the data is there and gives
+    that update. ``--ckpt_path last`` continues the newest readable checkpoint of the same run (same target
+    update and configuration) under the run's root and checkpoint folders, whatever logger version wrote it.
+
+    Checkpoints are read only with ``weights_only=True`` and checked against their checksum, and written
+    atomically (:mod:`lightning_inversion.checkpoints`). Options that contradict a resumed checkpoint, or an
+    ``--update`` that is not the update it attacks, are refused (:meth:`_parse_ckpt_path`).
     """
 
     def __init__(self, model_class: type[LightningModule], *args, **kwargs) -> None:
         self.attack = issubclass(model_class, GradientInversion)
+        self._args = kwargs.get("args")  # parsed again when a resumed checkpoint sets defaults
+        self.resumed_checkpoint: tuple[str, dict] | None = None  # (path, checkpoint) of --ckpt_path PATH
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
         super().__init__(model_class, VisionData, *args, subclass_mode_data=True, **kwargs)
@@ -99,86 +126,414 @@ class InversionCLI(LightningCLI):
         if drop and isinstance(callbacks, list):
             trainer.callbacks = [cb for cb in callbacks if _class_name(cb) not in drop]
 
+    def _parse_ckpt_path(self) -> None:
+        """Read a resumed checkpoint safely and reconcile its hyper-parameters with the command line.
+
+        Replaces LightningCLI's version, which parses the checkpoint's ``hyper_parameters`` as configuration (and so
+        imports any class or function a crafted checkpoint names) and silently overrides the options given. Here
+        the checkpoint is read once with :func:`~lightning_inversion.checkpoints.read_checkpoint` (local or remote,
+        ``weights_only=True``, checksum verified) and handed to the Trainer later. Of its hyper-parameters only
+        plain values (numbers, strings, booleans, lists of them) of plain-typed options are used: they become the
+        defaults, so an option left out continues with the checkpoint's value and ``config.yaml`` records what
+        ran; an option given (on the command line or in a config file) with another value is refused, naming it.
+        A checkpoint naming anything else for an option (a class, a function) is refused without importing it.
+
+        Raises:
+            CheckpointError: the checkpoint is unreadable, corrupt or unsafe, or options contradict it.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or _found_by_lightning(ckpt_path):
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        self.resumed_checkpoint = (str(ckpt_path), checkpoint)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            return
+        parser = self._parser(subcommand)
+        hints = {action.dest: getattr(action, "_typehint", None) for action in parser._actions}
+        defaults = {}
+        for key, value in hparams.items():
+            option = f"model.{key}"
+            # Lightning's own entries are skipped, and so are the values linked from the data (no type hint here):
+            # those are compared with the checkpoint once the data has set them.
+            if key.startswith("_") or hints.get(option) is None:
+                continue
+            if not _plain_value_of(hints[option], value):
+                raise CheckpointError(
+                    f"refused the checkpoint {ckpt_path}: its hyper-parameter {key} = {str(value)[:100]!r} is not a "
+                    "plain value of --model." + key + " (a checkpoint never names code to import)"
+                )
+            defaults[option] = value
+        if not defaults:
+            return
+        parser.set_defaults(defaults)
+        self.parse_arguments(self.parser, self._args)  # now an option left out takes the checkpoint's value
+        given = self.config[subcommand]
+        differ = [
+            f"--{option} {_shown(given[option])} (the checkpoint ran with {_shown(value)})"
+            for option, value in defaults.items()
+            if not _same_value(given[option], value)
+        ]
+        if differ:
+            raise CheckpointError(
+                f"options contradict the checkpoint {ckpt_path}: {'; '.join(differ)}. Leave them out to continue "
+                "with the checkpoint's values, or start a new run without --ckpt_path"
+            )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The Trainer, reading and writing checkpoints through :class:`SafeCheckpointIO`."""
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        io = strategy.checkpoint_io
+        if isinstance(io, _WrappingCheckpointIO):
+            if io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO:
+                io._checkpoint_io = SafeCheckpointIO()  # the setter keeps a base IO already set
+            io = io.checkpoint_io
+        elif type(io) is TorchCheckpointIO:
+            strategy.checkpoint_io = io = SafeCheckpointIO()
+        if not isinstance(io, SafeCheckpointIO):
+            raise CheckpointError(
+                f"the checkpoint plugin {type(io).__name__} is not supported (--trainer.plugins, "
+                "--trainer.strategy): checkpoints are read only with weights_only=True through SafeCheckpointIO"
+            )
+        return trainer
+
+    def _hand_over(self, path: str, checkpoint: dict) -> None:
+        """Give the Trainer the checkpoint already read, so that it is not read (or downloaded) again."""
+        io = self.trainer.strategy.checkpoint_io
+        io = io.checkpoint_io if isinstance(io, _WrappingCheckpointIO) else io
+        io.prime(path, checkpoint)
+
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
+        resumed = self.resumed_checkpoint
         if not self.attack:
+            if resumed is not None:
+                _check_hyperparameters(model, *resumed)
+                self._hand_over(*resumed)
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
             return
         config = self.config_init[self.subcommand]
         client: Client = config["client"]
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
         ckpt_path = kwargs.get("ckpt_path")
-        if ckpt_path == "last":
-            kwargs["ckpt_path"] = ckpt_path = self.last_checkpoint() or "last"
-        resuming = ckpt_path is not None and ckpt_path != "last"  # "last" with nothing saved starts afresh
+        given = None
         if config.get("update"):
             from .update_io import load_update
 
-            model.set_target(load_update(config["update"], model.victim, kind=client.kind))
-        elif resuming:
-            special = (
-                ckpt_path in ("best", "hpc")
-                or "://" in str(ckpt_path)
-                or str(ckpt_path).startswith("registry")
-            )
-            if not special:  # else the module takes the update from the checkpoint Lightning finds
-                model.set_target(read_target_update(ckpt_path))
-            self._ground_truth_if_available(model, datamodule, client, report)
-        else:
-            images, labels = datamodule.attack_targets()  # the client's private batch, normalised
-            model.set_target(client.update(model.victim, images, labels))
-            report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+            given = load_update(config["update"], model.victim, kind=client.kind)
+        if ckpt_path is None:
+            if given is not None:
+                model.set_target(given)
+            else:
+                images, labels = datamodule.attack_targets()  # the client's private batch, normalised
+                model.set_target(client.update(model.victim, images, labels))
+                report.set_ground_truth(
+                    denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels
+                )
+        elif ckpt_path == "last" or resumed is not None:
+            private = self._private_batch(datamodule) if given is None else None
+            target = given if private is None else client.update(model.victim, *private)
+            if ckpt_path == "last":
+                resumed = self.last_checkpoint(model, target)
+                if resumed is None:
+                    if target is None:
+                        datamodule.attack_targets()  # raises why the private batch is missing
+                    rank_zero_warn("--ckpt_path last: no checkpoint saved yet, starting a new run")
+                    kwargs["ckpt_path"] = None
+                    self.config[self.subcommand].ckpt_path = None
+                else:
+                    kwargs["ckpt_path"] = resumed[0]
+                    self.config[self.subcommand].ckpt_path = resumed[0]  # config.yaml records what ran
+            if resumed is not None:
+                path, checkpoint = resumed
+                stored = _stored_update(path, checkpoint)
+                reason = _other_run(model, checkpoint, target=None, named=True)
+                if reason is not None:
+                    raise CheckpointError(f"{path} cannot be continued by this run: {reason}")
+                if given is not None and not _same_update(given, stored):
+                    raise CheckpointError(
+                        f"--update {config['update']} is not the update the checkpoint {path} attacks: leave out "
+                        "--update to continue that attack, or start a new run without --ckpt_path"
+                    )
+                target = stored
+                self._hand_over(path, checkpoint)
+            model.set_target(target)
+            if private is not None:
+                images, labels = private
+                if _same_update(client.update(model.victim, images, labels), target):
+                    report.set_ground_truth(
+                        denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels
+                    )
+                else:
+                    log.warning(
+                        "the data's private batch does not produce the checkpoint's update: no ground truth"
+                    )
+        else:  # best, hpc, registry: Lightning finds the checkpoint, the module takes the update from it
+            private = self._private_batch(datamodule)
+            if private is not None:
+                images, labels = private
+                report.set_ground_truth(
+                    denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels
+                )
         self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
 
-    def last_checkpoint(self) -> str | None:
-        """The newest ``last*.ckpt`` of earlier runs, or ``None``.
+    def last_checkpoint(self, model: GradientInversion, target: Update | None) -> tuple[str, dict] | None:
+        """The newest readable checkpoint of this same run, read and verified, or ``None`` if none was saved.
 
         Lightning alone looks only in the checkpoint folder of the *new* run, which a versioned logger (the
         default) has just made empty; this searches every version under the root folder, the loggers' folders
-        and the checkpoint callbacks' explicit folders.
+        and the checkpoint callbacks' explicit folders, newest first (``last*.ckpt`` before a step checkpoint of
+        the same time). An unreadable or corrupt checkpoint (a write cut short) is skipped with a warning, so the
+        newest readable one is resumed.
+
+        A checkpoint continues this run when its hyper-parameters, victim weights, client protocol and optimiser
+        equal this run's and its target update is this run's (``target``: the ``--update`` file, or the client's
+        update of the private batch). Without the private data and without ``--update`` the target is unknown:
+        then the checkpoints that match otherwise must all attack one and the same update, else nothing is
+        resumed (the same configuration may have attacked several targets; choose one with ``--ckpt_path``).
+
+        Raises:
+            CheckpointError: checkpoints exist but none continues this run; the message lists them and why.
         """
         roots = {Path(self.trainer.default_root_dir)}
         roots |= {Path(lg.save_dir) for lg in self.trainer.loggers if getattr(lg, "save_dir", None)}
-        patterns = ["checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt"]
-        found = [path for root in roots for pattern in patterns for path in root.glob(pattern)]
+        patterns = ["checkpoints/*.ckpt", "*/checkpoints/*.ckpt", "*/*/checkpoints/*.ckpt"]
+        found = {path.resolve() for root in roots for pattern in patterns for path in root.glob(pattern)}
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                found += Path(callback.dirpath).glob("last*.ckpt")
-        found = [path for path in found if path.is_file()]
-        return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+                found |= {path.resolve() for path in Path(callback.dirpath).glob("*.ckpt")}
+        found = sorted(
+            (path for path in found if path.is_file()),
+            key=lambda path: (path.stat().st_mtime, path.name.startswith("last")),
+            reverse=True,
+        )
+        if not found:
+            return None
+        rejected, unreadable, chosen = [], [], None
+        for path in found:
+            try:
+                checkpoint = read_checkpoint(path)
+            except CheckpointError as error:
+                log.warning("--ckpt_path last: skipping %s: %s", path, error)
+                unreadable.append(path)
+                rejected.append(f"{path} (unreadable or corrupt)")
+                continue
+            reason = _other_run(model, checkpoint, target)
+            if reason is None and target is None and chosen is not None:
+                if not _same_update(_stored_update(path, checkpoint), _stored_update(*chosen)):
+                    raise CheckpointError(
+                        f"--ckpt_path last: without the private data (or --update) the target is unknown, and "
+                        f"{chosen[0]} and {path} attack different updates with this configuration: choose one "
+                        "with --ckpt_path PATH"
+                    )
+            elif reason is None and chosen is None:
+                chosen = (str(path), checkpoint)
+                if target is not None:
+                    break
+            elif reason is not None:
+                rejected.append(f"{path} ({reason})")
+        if chosen is None:
+            raise CheckpointError(
+                "--ckpt_path last: no checkpoint of this run (same target update and configuration); found "
+                + "; ".join(rejected)
+                + ". Resume one with --ckpt_path PATH and its options, or start a new run without --ckpt_path"
+            )
+        if unreadable:
+            rank_zero_warn(
+                f"--ckpt_path last: {', '.join(map(str, unreadable))} could not be read; resuming from the newest "
+                f"readable checkpoint of this run, {chosen[0]}"
+            )
+        if target is None:
+            rank_zero_warn(
+                f"resuming {chosen[0]} without the private data or --update: its target update is not checked"
+            )
+        return chosen
 
-    def _ground_truth_if_available(
-        self, model: GradientInversion, datamodule: VisionData, client: Client, report: InversionReport
-    ) -> None:
-        """Give the report the private batch when the data is here and matches the checkpoint's update."""
+    def _private_batch(self, datamodule: VisionData) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The client's private batch (normalised images, labels), or ``None`` if the data is not here."""
         try:
-            images, labels = datamodule.attack_targets()
+            return datamodule.attack_targets()
         except (MissingDataError, FileNotFoundError, OSError, NotImplementedError) as error:
             log.info("resuming without the private data (%s): no metrics against ground truth", error)
-            return
-        if model.update is not None:
-            update = client.update(model.victim, images, labels)
-            same = len(update.tensors) == len(model.update.tensors) and all(
-                a.shape == b.shape and torch.allclose(a, b.to(a), rtol=1e-4, atol=1e-7)
-                for a, b in zip(update.tensors, model.update.tensors, strict=True)
-            )
-            if not same:
-                log.warning(
-                    "the data's private batch does not produce the checkpoint's update: no ground truth"
-                )
-                return
-        report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+            return None
 
 
 def read_target_update(path: str | os.PathLike) -> Update:
     """The update an attack checkpoint holds, read without unpickling code (``weights_only=True``).
 
     Raises:
-        TargetMismatchError: the file is not a checkpoint of the attack.
+        CheckpointError: the file is unreadable, corrupt, or not a checkpoint of the attack.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return _stored_update(str(path), read_checkpoint(path))
+
+
+def _stored_update(path: str, checkpoint: dict) -> Update:
+    """The target update saved in an attack checkpoint."""
+    state = checkpoint.get("target_update")
+    try:
+        return Update.from_state_dict(state)
+    except TypeError:
+        raise CheckpointError(
+            f"{path} holds no target update: it is not a checkpoint of the attack"
+        ) from None
+
+
+def _same_update(a: Update, b: Update) -> bool:
+    """Whether two updates are the same up to floating-point noise (the same client step recomputed)."""
+    if a.kind != b.kind or len(a.tensors) != len(b.tensors):
+        return False
+    if (a.labels is None) != (b.labels is None) or (
+        a.labels is not None and not torch.equal(a.labels, b.labels)
+    ):
+        return False
+    return all(
+        x.shape == y.shape and torch.allclose(x, y.to(x), rtol=1e-4, atol=1e-7)
+        for x, y in zip(a.tensors, b.tensors, strict=True)
+    )
+
+
+def _hyperparameter_differences(model: LightningModule, checkpoint: dict) -> list[str]:
+    """``name: this run's value vs the checkpoint's`` for every hyper-parameter both know and that differ."""
+    saved = checkpoint.get("hyper_parameters")
+    saved = saved if isinstance(saved, dict) else {}
+    mine = dict(model.hparams)
+    return [
+        f"{key} {_shown(mine[key])} here, {_shown(value)} in the checkpoint"
+        for key, value in saved.items()
+        if not key.startswith("_") and key in mine and not _same_value(mine[key], value)
+    ]
+
+
+def _check_hyperparameters(model: LightningModule, path: str, checkpoint: dict) -> None:
+    """Refuse to continue a checkpoint whose hyper-parameters (those set from the data included) differ."""
+    differ = _hyperparameter_differences(model, checkpoint)
+    if differ:
+        raise CheckpointError(
+            f"{path} cannot be continued by this run: {'; '.join(differ)} (num_classes, image_shape, mean, std "
+            "and num_images come from the data)"
+        )
+
+
+def _other_run(
+    model: GradientInversion, checkpoint: dict, target: Update | None, named: bool = False
+) -> str | None:
+    """Why an attack checkpoint is not of this run (``None``: it is); ``target``: this run's update if known.
+
+    A checkpoint the user ``named`` (``--ckpt_path PATH``) that records no run identity (written by an earlier
+    version) is accepted with a warning; ``--ckpt_path last`` never picks one.
+    """
     if "target_update" not in checkpoint:
-        raise TargetMismatchError(f"{path} holds no target update: it is not a checkpoint of the attack")
-    return Update.from_state_dict(checkpoint["target_update"])
+        return "not a checkpoint of the attack"
+    differ = _hyperparameter_differences(model, checkpoint)
+    if differ:
+        return "; ".join(differ)
+    identity = checkpoint.get("attack_identity")
+    if not isinstance(identity, dict):
+        if not named:
+            return "it records no victim, client or optimiser to compare with"
+        log.warning(
+            "the checkpoint records no victim, client or optimiser: they are not checked against this run"
+        )
+        identity = model.run_identity()
+    mine = model.run_identity()
+    if identity.get("victim") != mine["victim"]:
+        return "other victim weights"
+    if not _same_value(identity.get("client"), mine["client"]):
+        return f"another client protocol ({identity.get('client')} there, {mine['client']} here)"
+    if identity.get("optimizer") != mine["optimizer"]:
+        return f"another optimizer ({identity.get('optimizer')} there, {mine['optimizer']} here)"
+    if target is not None and not _same_update(_stored_update("", checkpoint), target):
+        return "another target update"
+    return None
+
+
+def _found_by_lightning(ckpt_path) -> bool:
+    """Whether ``--ckpt_path`` is a keyword Lightning (or :meth:`InversionCLI.last_checkpoint`) resolves."""
+    return ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+
+
+def _plain_value_of(hint, value) -> bool:
+    """Whether ``value`` is a plain value (number, string, boolean, None, list of them) of a plain part of ``hint``.
+
+    A value that could only be read as a class or function of ``hint`` (which the parser would import) is not.
+    """
+    if hint is None:
+        return False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_plain_value_of(h, value) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(value == v and type(value) is type(v) for v in typing.get_args(hint))
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(map(_plain_value_of, args, value))
+        return all(_plain_value_of(args[0] if args else int | float | str | bool, v) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, type):
+        if issubclass(hint, bool):
+            return isinstance(value, bool)
+        if issubclass(hint, float):
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        if issubclass(hint, int | str):
+            return isinstance(value, hint.__mro__[-2]) and not isinstance(value, bool)
+        if hint.__module__ == "jsonargparse.typing":  # path types (Path_fr, ...): a plain string
+            return isinstance(value, str)
+    return False
+
+
+def _same_value(a, b) -> bool:
+    """Equality of configuration values, lists and tuples alike, floats to 1e-9 relative."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool | str):
+        return type(a) is not bool and type(b) is not bool and math.isclose(a, b, rel_tol=1e-9, abs_tol=0)
+    return type(a) is type(b) and a == b
+
+
+def _shown(value) -> str:
+    return str(list(value) if isinstance(value, tuple) else value)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """The Trainer's checkpoint plugin: checksummed atomic writes, reads with ``weights_only=True`` only.
+
+    ``prime(path, checkpoint)`` hands over a checkpoint the CLI has already read and checked, so the Trainer does
+    not read (or download) it a second time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._primed: dict[str, dict] = {}
+
+    def prime(self, path: str | os.PathLike, checkpoint: dict) -> None:
+        self._primed = {str(path): checkpoint}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        checkpoint[CHECKSUM_KEY] = checkpoint_checksum(checkpoint)
+        local = local_path(path)
+        if local is None:
+            super().save_checkpoint(checkpoint, path)
+        else:
+            write_atomically(lambda f: torch.save(checkpoint, f), local)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        checkpoint = self._primed.pop(str(path), None)
+        return checkpoint if checkpoint is not None else read_checkpoint(path)
 
 
 def _class_name(callback) -> str:

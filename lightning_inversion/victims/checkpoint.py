@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_inversion.checkpoints import CheckpointError, read_checkpoint
 from lightning_inversion.victims.registry import build_victim
 from lightning_inversion.victims.weights import MissingWeightsError
 
@@ -21,16 +20,13 @@ _PREFIX = "victim."
 
 
 def _read(path: str) -> dict[str, Any]:
-    """The checkpoint dict, loaded with ``weights_only=True``: tensors and plain containers only."""
+    """The checkpoint dict, loaded with ``weights_only=True`` (tensors and plain containers only) and verified."""
     if not os.path.isfile(path):
         raise MissingWeightsError(f"victim checkpoint not found: {path} (expected {_EXPECTED})")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise MissingWeightsError(
-            f"{path} is not a victim checkpoint ({reason}); expected {_EXPECTED}"
-        ) from None
+        checkpoint = read_checkpoint(path)  # weights_only=True, and its checksum verified
+    except CheckpointError as error:
+        raise MissingWeightsError(f"{error}; expected {_EXPECTED}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise MissingWeightsError(f"{path} has no state_dict; expected {_EXPECTED}")
     hparams = checkpoint.get("hyper_parameters")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lightning_inversion.victims.weights import load_weights_file
+from lightning_inversion.victims.weights import MissingWeightsError, load_weights_file
 
 Builder = Callable[..., nn.Module]
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -100,7 +100,7 @@ def build_victim(
 
     Raises:
         KeyError: ``name`` is unknown; the message lists the valid names.
-        MissingWeightsError: Requested weights are not on this machine.
+        MissingWeightsError: Requested weights are not on this machine, or the weights file is bad.
     """
     entry, fields = _resolve(name)
     if num_classes < 1:
@@ -114,5 +114,10 @@ def build_victim(
         raise ValueError(f"no published weights for {name!r}; train it and pass weights_path instead")
     model = entry.builder(num_classes, image_shape, **fields)
     if weights_path is not None:
-        model.load_state_dict(load_weights_file(weights_path))
+        state = load_weights_file(weights_path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:  # missing, unexpected or misshapen entries
+            reason = " ".join(str(error).split())[:300]
+            raise MissingWeightsError(f"{weights_path}: the weights do not fit {name} ({reason})") from None
     return model

@@ -26,18 +26,31 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
     A checkpoint dict with a ``"state_dict"`` entry is unwrapped.
 
     Raises:
-        MissingWeightsError: The file does not exist.
+        MissingWeightsError: The file does not exist, or is not readable as such a file (truncated, corrupt, or
+            holding objects other than tensors and plain values); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"weights file not found: {path.resolve()}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to parse the file means a bad file
+        lines = [
+            line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line
+        ]
+        reason = (lines or [type(error).__name__])[-1][:300]
+        raise MissingWeightsError(
+            f"{path} is not a readable weights file ({reason}): expected a state dict of tensors in a .pt/.pth "
+            "(loaded with weights_only=True) or .safetensors file"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise MissingWeightsError(f"{path} does not hold a state dict of tensors")
     return state
 
 
