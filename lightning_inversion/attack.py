@@ -465,9 +465,6 @@ class GradientInversion(pl.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         idx = self._local_index()
-        with torch.no_grad():
-            # Every restart takes part in every step (on some process), so all counters advance together.
-            self.restart_steps += 1
         if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
             return self.dummy_images.sum() * 0
         everything = len(idx) == self.restarts
@@ -514,6 +511,9 @@ class GradientInversion(pl.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         with torch.no_grad():
+            # Counted here, not in training_step: L-BFGS evaluates the closure up to max_iter times a step. Every
+            # restart takes part in every step (on some process), so all counters advance together.
+            self.restart_steps += 1
             if self.median_filter_every and (self.global_step + 1) % self.median_filter_every == 0:
                 self.dummy_images.copy_(median_filter3x3(self.dummy_images))
             if self.boxed:
