@@ -10,7 +10,7 @@ from PIL import Image
 
 from lightning_inversion.data import PhotoData
 from lightning_inversion.evaluation import COLUMNS, evaluate_targets, main
-from tests.conftest import TinyConvNet
+from tests.helpers import TinyConvNet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "eval_photos.yaml"

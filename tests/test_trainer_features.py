@@ -12,13 +12,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_attack import MEAN, STD, THRESHOLD_DB, make_attack, run_api
 
 import lightning_inversion as li
 from lightning_inversion.attack import GradientInversion
 from lightning_inversion.cli import main
 from lightning_inversion.data import MissingDataError, PhotoData
 from lightning_inversion.objectives import decay_milestones
+from tests.test_attack import MEAN, STD, THRESHOLD_DB, make_attack, run_api
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small attack through the real CLI: the cat photo at 16×16, an untrained ConvNet-8, no LPIPS weights needed.
