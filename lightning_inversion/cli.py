@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .attack import GradientInversion, TargetMismatchError
 from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
-from .report import InversionReport
+from .report import InversionReport, OutputFolderError, check_writable
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "something the user must provide is missing or wrong": a message, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (MissingDataError, TargetMismatchError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    MissingDataError,
+    TargetMismatchError,
+    FileNotFoundError,
+    OutputFolderError,
+)
 
 # The attack's Trainer callbacks unless --trainer.callbacks says otherwise: a checkpoint of the whole run
 # (last.ckpt) every 500 steps, and the learning rate among the logged scalars.
@@ -55,6 +64,10 @@ class InversionCLI(LightningCLI):
     rate. ``fit --ckpt_path PATH`` (or ``last``: the newest ``last*.ckpt`` under the run's root and checkpoint
     folders, whatever logger version wrote it) continues a run from the update saved in the checkpoint, without
     the private data; the ground truth is still loaded for the report when the data is there.
+
+    Before anything is computed, every folder the run will write to is tried (exit 2 naming the folder and its
+    option). SIGINT (Ctrl+C) and SIGTERM (preemption) stop the run after the step it is in, with a checkpoint and
+    the outputs so far (:class:`StopOnSignal`); the process then exits with 130 or 143.
     """
 
     def __init__(self, model_class: type[LightningModule], *args, **kwargs) -> None:
@@ -106,6 +119,8 @@ class InversionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         client: Client = config["client"]
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
+        for folder, option in self.output_folders(report).items():
+            check_writable(folder, option)
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path == "last":
             kwargs["ckpt_path"] = ckpt_path = self.last_checkpoint() or "last"
@@ -127,7 +142,27 @@ class InversionCLI(LightningCLI):
             images, labels = datamodule.attack_targets()  # the client's private batch, normalised
             model.set_target(client.update(model.victim, images, labels))
             report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
-        self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+        with StopOnSignal() as stop:
+            try:
+                self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+            except SIGTERMException:  # the report has saved the checkpoint and the outputs
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
+
+    def output_folders(self, report: InversionReport) -> dict[Path, str]:
+        """The folders this run writes to, known before it starts, each with the option that chose it."""
+        trainer = self.trainer
+        folders: dict[Path, str] = {}
+        if report.output_dir is not None:
+            folders[Path(report.output_dir)] = "--report.output_dir"
+        if trainer.loggers or trainer.checkpoint_callbacks:  # their folders default to the root folder
+            folders.setdefault(Path(trainer.default_root_dir), "--trainer.default_root_dir")
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                folders.setdefault(Path(logger.save_dir), "--trainer.logger's save_dir")
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                folders.setdefault(Path(callback.dirpath), "--trainer.callbacks' ModelCheckpoint dirpath")
+        return folders
 
     def last_checkpoint(self) -> str | None:
         """The newest ``last*.ckpt`` of earlier runs, or ``None``.
@@ -167,6 +202,56 @@ class InversionCLI(LightningCLI):
                 )
                 return
         report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl+C) and SIGTERM (preemption) stop an attack after the step it is in, keeping its work.
+
+    Both go through Lightning's SIGTERM handling, which ends the run between two steps on every process (under
+    DDP rank 0 tells the others); the report then saves ``last.ckpt`` and the outputs of the best restarts so far
+    (:meth:`InversionReport.on_exception`), and :class:`InversionCLI` exits with 128 + the signal's number. A
+    second Ctrl+C stops at once, without saving; so does a signal before the first step, with nothing to save.
+    Used as a context manager around ``Trainer.fit``, in the main thread (elsewhere it changes nothing).
+
+    Attributes:
+        signum: the first signal received, or ``None``.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        lightning = signal.getsignal(
+            signal.SIGTERM
+        )  # Lightning's while the steps run (it calls this one too)
+        if not callable(lightning) or lightning == self._handle:  # not stepping: nothing to keep
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        rank_zero_info(
+            f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint and the outputs so far"
+            + (" (Ctrl+C again stops at once, without them)" if signum == signal.SIGINT else "")
+        )
+        if signum == signal.SIGINT:
+            lightning(signal.SIGTERM, frame)
 
 
 def read_target_update(path: str | os.PathLike) -> Update:

@@ -1,5 +1,8 @@
 """Helpers shared by several test modules (fixtures live in ``conftest.py``)."""
 
+import time
+
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -15,3 +18,13 @@ class TinyConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class Pace(pl.Callback):
+    """Sleeps after every step, so a test can signal a run in a subprocess while it still has steps to go."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
