@@ -41,7 +41,8 @@ def quiet_trainer(max_steps: int, **kwargs) -> pl.Trainer:
 # --- several processes ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
 def test_two_cpu_processes_equal_one(strategy, tmp_path):
-    """4 restarts split over 2 gloo processes (2 each) give the images, scores and choice of one process."""
+    """4 restarts split over 2 gloo processes (2 each) give the images, scores and choice of one process over the
+    first steps (later, rounding moves them apart: see attack.py)."""
     args = [*SMALL, "--model.restarts=4", "--trainer.max_steps=5", "--trainer.accelerator=cpu"]
     # Lightning's DDP launcher re-runs the script for rank 1, so the run goes through invert.py in a subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
