@@ -246,10 +246,8 @@ class StopOnSignal:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
-        rank_zero_info(
-            f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint and the outputs so far"
-            + (" (Ctrl+C again stops at once, without them)" if signum == signal.SIGINT else "")
-        )
+        again = " (Ctrl+C again stops at once, keeping nothing more)" if signum == signal.SIGINT else ""
+        rank_zero_info(f"{signal.Signals(signum).name}: stopping after this step{again}")
         if signum == signal.SIGINT:
             lightning(signal.SIGTERM, frame)
 

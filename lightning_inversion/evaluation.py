@@ -23,6 +23,7 @@ import csv
 import functools
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -34,10 +35,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
 from .attack import GradientInversion
+from .cli import StopOnSignal
 from .client import Client
 from .data import VisionData
 from .images import denormalize
@@ -445,14 +448,20 @@ def main(args: list[str] | None = None) -> Evaluation:
         if args is not None:  # called from Python: let the caller see the exception
             raise
         sys.exit(2)
-    evaluation = evaluate_targets(
-        init.data,
-        config.model.victim,
-        attack_options=attack,
-        client=init.client,
-        trainer_kwargs=trainer_kwargs,
-        output_dir=output_dir,
-        lpips=config.report.lpips,
-    )
+    # SIGINT/SIGTERM stop the target being attacked after its current step; the finished targets are on disk.
+    with StopOnSignal() as stop:
+        try:
+            evaluation = evaluate_targets(
+                init.data,
+                config.model.victim,
+                attack_options=attack,
+                client=init.client,
+                trainer_kwargs=trainer_kwargs,
+                output_dir=output_dir,
+                lpips=config.report.lpips,
+            )
+        except (SIGTERMException, KeyboardInterrupt):  # a KeyboardInterrupt comes between two targets
+            log.error("interrupted: the targets that finished are in %s", Path(output_dir).resolve())
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
     log.info("wrote %s", Path(output_dir).resolve())
     return evaluation
