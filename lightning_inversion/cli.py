@@ -239,9 +239,8 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        lightning = signal.getsignal(
-            signal.SIGTERM
-        )  # Lightning's while the steps run (it calls this one too)
+        # While the steps run, SIGTERM's handler is Lightning's (which calls this one too).
+        lightning = signal.getsignal(signal.SIGTERM)
         if not callable(lightning) or lightning == self._handle:  # not stepping: nothing to keep
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt

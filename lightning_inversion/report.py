@@ -226,9 +226,7 @@ class InversionReport(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: GradientInversion, exception: BaseException
     ) -> None:
-        if not isinstance(
-            exception, SIGTERMException
-        ):  # a crash or a second Ctrl+C may be mid-step: keep nothing
+        if not isinstance(exception, SIGTERMException):  # a crash or a second Ctrl+C may stop mid-step
             return
         # Between two steps, so the state is that of a step's end: the checkpoint first (nothing below touches
         # the images or the random generators, but the result is built after it all the same).
