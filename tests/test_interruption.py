@@ -44,40 +44,49 @@ def straight(tmp_path_factory) -> Path:
     return Path(cli.trainer.log_dir)
 
 
-def signal_when_stepping(root: Path, signum: int) -> tuple[int, str]:
-    """Run ``invert.py`` in a subprocess, send ``signum`` once its first checkpoint exists; exit code and log."""
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict[int, tuple[Path, int, str]]:
+    """Per signal: a run of ``invert.py`` in a subprocess that got it once its first checkpoint existed.
+
+    Both runs start at once (their imports overlap); each is signalled as soon as it is stepping.
+    Returns the run's root folder, exit code and log per signal.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "invert.py",
-        *ARGS,
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.callbacks={PACED}",
-    ]
-    log = root / "run.log"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while not list(root.glob("lightning_logs/*/checkpoints/*.ckpt")):
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run did not reach its first checkpoint"
-                time.sleep(0.05)
-            process.send_signal(signum)
-            returncode = process.wait(timeout=240)
-        finally:
+    runs = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            root = tmp_path_factory.mktemp(signal.Signals(signum).name)
+            cmd = [sys.executable, "invert.py", *ARGS, f"--trainer.default_root_dir={root}"]
+            cmd.append(f"--trainer.callbacks={PACED}")
+            with open(root / "run.log", "w") as log:
+                process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            runs[signum] = (root, process)
+        waiting, deadline = dict(runs), time.monotonic() + 300
+        while waiting:
+            for signum, (root, process) in list(waiting.items()):
+                if list(root.glob("lightning_logs/*/checkpoints/*.ckpt")):
+                    process.send_signal(signum)
+                    del waiting[signum]
+                else:
+                    assert process.poll() is None, (root / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "a run did not reach its first checkpoint"
+            time.sleep(0.05)
+        codes = {signum: process.wait(timeout=300) for signum, (_, process) in runs.items()}
+    finally:
+        for _, process in runs.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return returncode, log.read_text()
+    return {
+        signum: (root, codes[signum], (root / "run.log").read_text()) for signum, (root, _) in runs.items()
+    }
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_same_images(
-    signum, tmp_path, straight
+    signum, signalled, straight
 ):
-    returncode, log = signal_when_stepping(tmp_path, signum)
+    tmp_path, returncode, log = signalled[signum]
     assert returncode == 128 + signum, log[-3000:]  # 130, 143
     folder = tmp_path / "lightning_logs" / "version_0"
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -87,9 +96,9 @@ def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_
     assert (folder / "reconstruction.png").is_file() and (folder / "progress.png").is_file()
     saved = torch.load(folder / "reconstruction.pt", weights_only=True)
     assert saved["images"].shape == (1, 3, 16, 16) and saved["stats"]["steps"] == step
-    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == step and metrics["checkpoints"] == [
-        str(folder / "checkpoints/last.ckpt")
+    last = folder / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == step and metrics["checkpoints"] == [
+        str(last)
     ]
 
     resumed = main([*ARGS, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last"])
@@ -105,7 +114,8 @@ def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_
 def test_an_unwritable_folder_is_refused_before_the_first_step(option, tmp_path, capsys):
     """Tests run as root, which ignores permission bits: the folder's parent is a regular file.
 
-    From Python the error is raised after its one line; ``invert.py`` exits with 2 there (see test_cli.py).
+    From Python the error is raised after its one line; ``invert.py`` turns it into exit status 2, as every
+    user error (test_cli.py runs that path in a subprocess).
     """
     blocker = tmp_path / "a_file"
     blocker.write_text("")
