@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningModule
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -143,6 +143,7 @@ class InversionCLI(LightningCLI):
             model.set_target(client.update(model.victim, images, labels))
             report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
         with StopOnSignal() as stop:
+            self.trainer.callbacks.append(stop)
             try:
                 self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
             except SIGTERMException:  # the report has saved the checkpoint and the outputs
@@ -204,14 +205,18 @@ class InversionCLI(LightningCLI):
         report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
 
 
-class StopOnSignal:
+class StopOnSignal(Callback):
     """SIGINT (Ctrl+C) and SIGTERM (preemption) stop an attack after the step it is in, keeping its work.
 
-    Both go through Lightning's SIGTERM handling, which ends the run between two steps on every process (under
-    DDP rank 0 tells the others); the report then saves ``last.ckpt`` and the outputs of the best restarts so far
+    The first signal is noted; at the end of the step every process learns of it (under DDP from one small
+    all-reduce a step, so all stop after the same step, whichever process got the signal) and raises Lightning's
+    ``SIGTERMException``. The report then saves ``last.ckpt`` and the outputs of the best restarts so far
     (:meth:`InversionReport.on_exception`), and :class:`InversionCLI` exits with 128 + the signal's number. A
     second Ctrl+C stops at once, without saving; so does a signal before the first step, with nothing to save.
-    Used as a context manager around ``Trainer.fit``, in the main thread (elsewhere it changes nothing).
+
+    Use it as a context manager around ``Trainer.fit`` and as one of that Trainer's callbacks, in the main thread
+    (elsewhere it changes nothing). While the steps run it takes SIGTERM from Lightning, whose own handler runs a
+    collective inside the handler and can deadlock DDP processes that are in another one.
 
     Attributes:
         signum: the first signal received, or ``None``.
@@ -222,6 +227,7 @@ class StopOnSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._stepping = False
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -233,22 +239,40 @@ class StopOnSignal:
             signal.signal(signum, handler)
         self._previous = {}
 
+    def __getstate__(self) -> dict:  # ddp_spawn pickles the callbacks: handlers stay with their process
+        return {**self.__dict__, "_previous": {}}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._stepping = True
+        if self._previous:  # Lightning has just put its SIGTERM handler in; its teardown puts this one back
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise SIGTERMException
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stepping = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stepping = False
+
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        # While the steps run, SIGTERM's handler is Lightning's (which calls this one too).
-        lightning = signal.getsignal(signal.SIGTERM)
-        if not callable(lightning) or lightning == self._handle:  # not stepping: nothing to keep
+        if not self._stepping:  # nothing to keep
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         again = " (Ctrl+C again stops at once, keeping nothing more)" if signum == signal.SIGINT else ""
         rank_zero_info(f"{signal.Signals(signum).name}: stopping after this step{again}")
-        if signum == signal.SIGINT:
-            lightning(signal.SIGTERM, frame)
 
 
 def read_target_update(path: str | os.PathLike) -> Update:

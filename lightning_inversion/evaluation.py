@@ -450,6 +450,7 @@ def main(args: list[str] | None = None) -> Evaluation:
         sys.exit(2)
     # SIGINT/SIGTERM stop the target being attacked after its current step; the finished targets are on disk.
     with StopOnSignal() as stop:
+        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), stop]
         try:
             evaluation = evaluate_targets(
                 init.data,

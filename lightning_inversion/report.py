@@ -105,8 +105,8 @@ class InversionReport(pl.Callback):
     and ``metrics.json``, and prints a short summary. Only the global rank 0 measures and writes; under DDP its
     live numbers cover the restarts that rank optimises.
 
-    A run stopped by SIGINT or SIGTERM (Lightning's ``SIGTERMException``, raised between two steps; the CLI turns
-    Ctrl+C into it) keeps its work: ``last.ckpt`` is saved in the folder of every ``ModelCheckpoint`` and the
+    A run stopped by SIGINT or SIGTERM (a ``SIGTERMException`` at the end of a step, raised by the CLI's
+    ``StopOnSignal`` or by Lightning's own SIGTERM handling) keeps its work: ``last.ckpt`` is saved in the folder of every ``ModelCheckpoint`` and the
     outputs of the best restarts so far are written, with ``"interrupted": true`` and the step reached in
     ``metrics.json``. Any other exception can stop a run in the middle of a step and writes nothing.
 

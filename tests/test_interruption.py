@@ -16,6 +16,7 @@ from lightning_inversion.cli import main
 from lightning_inversion.report import OutputFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STEPS = 40
 ARGS = [
     "fit",
@@ -44,45 +45,48 @@ def straight(tmp_path_factory) -> Path:
     return Path(cli.trainer.log_dir)
 
 
-@pytest.fixture(scope="module")
-def signalled(tmp_path_factory) -> dict[int, tuple[Path, int, str]]:
-    """Per signal: a run of ``invert.py`` in a subprocess that got it once its first checkpoint existed.
-
-    Both runs start at once (their imports overlap); each is signalled as soon as it is stepping.
-    Returns the run's root folder, exit code and log per signal.
-    """
+def signal_when_stepping(runs: dict[int, tuple[Path, list[str]]]) -> dict[int, tuple[int, str]]:
+    """Run ``invert.py`` once per signal, all at once, each in its root folder with its extra arguments, and
+    send each its signal as soon as its first checkpoint exists. Returns the exit code and log per signal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    runs = {}
+    processes = {}
     try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            root = tmp_path_factory.mktemp(signal.Signals(signum).name)
-            cmd = [sys.executable, "invert.py", *ARGS, f"--trainer.default_root_dir={root}"]
+        for signum, (root, extra) in runs.items():
+            cmd = [sys.executable, "invert.py", *ARGS, f"--trainer.default_root_dir={root}", *extra]
             cmd.append(f"--trainer.callbacks={PACED}")
             with open(root / "run.log", "w") as log:
-                process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            runs[signum] = (root, process)
-        waiting, deadline = dict(runs), time.monotonic() + 300
+                processes[signum] = subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+        waiting, deadline = set(runs), time.monotonic() + 300
         while waiting:
-            for signum, (root, process) in list(waiting.items()):
+            for signum in list(waiting):
+                root, process = runs[signum][0], processes[signum]
                 if list(root.glob("lightning_logs/*/checkpoints/*.ckpt")):
                     process.send_signal(signum)
-                    del waiting[signum]
+                    waiting.remove(signum)
                 else:
                     assert process.poll() is None, (root / "run.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "a run did not reach its first checkpoint"
             time.sleep(0.05)
-        codes = {signum: process.wait(timeout=300) for signum, (_, process) in runs.items()}
+        codes = {signum: process.wait(timeout=300) for signum, process in processes.items()}
     finally:
-        for _, process in runs.values():
+        for process in processes.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return {
-        signum: (root, codes[signum], (root / "run.log").read_text()) for signum, (root, _) in runs.items()
-    }
+    return {signum: (codes[signum], (root / "run.log").read_text()) for signum, (root, _) in runs.items()}
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict[int, tuple[Path, int, str]]:
+    """Per signal: the root folder, exit code and log of a run that got it once it was stepping."""
+    roots = {signum: tmp_path_factory.mktemp(signal.Signals(signum).name) for signum in SIGNALS}
+    results = signal_when_stepping({signum: (root, []) for signum, root in roots.items()})
+    return {signum: (roots[signum], *results[signum]) for signum in SIGNALS}
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
 def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_same_images(
     signum, signalled, straight
 ):
@@ -108,6 +112,20 @@ def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_
     assert json.loads((out / "metrics.json").read_text())["interrupted"] is False
     images = torch.load(out / "reconstruction.pt", weights_only=True)["images"]
     assert torch.equal(images, torch.load(straight / "reconstruction.pt", weights_only=True)["images"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_ddp_process_with_one_checkpoint(tmp_path):
+    """Under DDP rank 0 passes the signal on: both processes stop at the same step, rank 0 writes."""
+    ddp = ["--model.restarts=4", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    returncode, log = signal_when_stepping({signal.SIGTERM: (tmp_path, ddp)})[signal.SIGTERM]
+    assert returncode == 143, log[-3000:]
+    folder = tmp_path / "lightning_logs" / "version_0"
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    step = metrics["interrupted_at_step"]
+    assert metrics["interrupted"] is True and metrics["attack"]["restart_steps"] == [step] * 4
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
 
 
 @pytest.mark.parametrize("option", ["--report.output_dir", "--trainer.default_root_dir"])
