@@ -4,9 +4,11 @@ Gradient inversion (Geiping et al. 2020, "Inverting Gradients") as a Lightning m
 client, label recovery and closed-form recovery beside it.
 """
 
+from .analytic import recover_linear_input
 from .api import reconstruct
 from .attack import GradientInversion, Reconstruction
 from .client import Client, Update
+from .update_io import load_update
 from .victims import build_victim, list_victims
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "Update",
     "build_victim",
     "list_victims",
+    "load_update",
     "reconstruct",
+    "recover_linear_input",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -13,11 +15,12 @@ from typing import Any
 
 import torch
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .attack import GradientInversion, TargetMismatchError
 from .checkpoints import (
@@ -31,7 +34,7 @@ from .checkpoints import (
 from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
-from .report import InversionReport
+from .report import InversionReport, OutputFolderError, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TargetMismatchError,
     FileNotFoundError,
     CheckpointError,
+    OutputFolderError,
 )
 
 # The attack's Trainer callbacks unless --trainer.callbacks says otherwise: a checkpoint of the whole run
@@ -80,6 +84,10 @@ class InversionCLI(LightningCLI):
     Checkpoints are read only with ``weights_only=True`` and checked against their checksum, and written
     atomically (:mod:`lightning_inversion.checkpoints`). Options that contradict a resumed checkpoint, or an
     ``--update`` that is not the update it attacks, are refused (:meth:`_parse_ckpt_path`).
+
+    Before anything is computed, every folder the run will write to is tried (exit 2 naming the folder and its
+    option). SIGINT (Ctrl+C) and SIGTERM (preemption) stop the run after the step it is in, with a checkpoint and
+    the outputs so far (:class:`StopOnSignal`); the process then exits with 130 or 143.
     """
 
     def __init__(self, model_class: type[LightningModule], *args, **kwargs) -> None:
@@ -218,6 +226,8 @@ class InversionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         client: Client = config["client"]
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
+        for folder, option in self.output_folders(report).items():
+            check_writable(folder, option)
         ckpt_path = kwargs.get("ckpt_path")
         given = None
         if config.get("update"):
@@ -278,7 +288,28 @@ class InversionCLI(LightningCLI):
                 report.set_ground_truth(
                     denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels
                 )
-        self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+        with StopOnSignal() as stop:
+            self.trainer.callbacks.append(stop)
+            try:
+                self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+            except SIGTERMException:  # the report has saved the checkpoint and the outputs
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
+
+    def output_folders(self, report: InversionReport) -> dict[Path, str]:
+        """The folders this run writes to, known before it starts, each with the option that chose it."""
+        trainer = self.trainer
+        folders: dict[Path, str] = {}
+        if report.output_dir is not None:
+            folders[Path(report.output_dir)] = "--report.output_dir"
+        if trainer.loggers or trainer.checkpoint_callbacks:  # their folders default to the root folder
+            folders.setdefault(Path(trainer.default_root_dir), "--trainer.default_root_dir")
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                folders.setdefault(Path(logger.save_dir), "--trainer.logger's save_dir")
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                folders.setdefault(Path(callback.dirpath), "--trainer.callbacks' ModelCheckpoint dirpath")
+        return folders
 
     def last_checkpoint(self, model: GradientInversion, target: Update | None) -> tuple[str, dict] | None:
         """The newest readable checkpoint of this same run, read and verified, or ``None`` if none was saved.
@@ -359,6 +390,76 @@ class InversionCLI(LightningCLI):
         except (MissingDataError, FileNotFoundError, OSError, NotImplementedError) as error:
             log.info("resuming without the private data (%s): no metrics against ground truth", error)
             return None
+
+
+class StopOnSignal(Callback):
+    """SIGINT (Ctrl+C) and SIGTERM (preemption) stop an attack after the step it is in, keeping its work.
+
+    The first signal is noted; at the end of the step every process learns of it (under DDP from one small
+    all-reduce a step, so all stop after the same step, whichever process got the signal) and raises Lightning's
+    ``SIGTERMException``. The report then saves ``last.ckpt`` and the outputs of the best restarts so far
+    (:meth:`InversionReport.on_exception`), and :class:`InversionCLI` exits with 128 + the signal's number. A
+    second Ctrl+C stops at once, without saving; so does a signal before the first step, with nothing to save.
+
+    Use it as a context manager around ``Trainer.fit`` and as one of that Trainer's callbacks, in the main thread
+    (elsewhere it changes nothing). While the steps run it takes SIGTERM from Lightning, whose own handler runs a
+    collective inside the handler and can deadlock DDP processes that are in another one.
+
+    Attributes:
+        signum: the first signal received, or ``None``.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._stepping = False
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __getstate__(self) -> dict:  # ddp_spawn pickles the callbacks: handlers stay with their process
+        return {**self.__dict__, "_previous": {}}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._stepping = True
+        if self._previous:  # Lightning has just put its SIGTERM handler in; its teardown puts this one back
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise SIGTERMException
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stepping = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stepping = False
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if not self._stepping:  # nothing to keep
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        again = " (Ctrl+C again stops at once, keeping nothing more)" if signum == signal.SIGINT else ""
+        rank_zero_info(f"{signal.Signals(signum).name}: stopping after this step{again}")
 
 
 def read_target_update(path: str | os.PathLike) -> Update:

@@ -7,7 +7,9 @@ measured against the ground truth. The targets run one after another in a Python
 gradient, so they cannot share one optimisation); restarts inside a target are still a batch axis.
 
 Outputs in ``output_dir``: ``evaluation.csv`` (one row per target), ``evaluation.md`` (mean ± std of each
-metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the images).
+metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the images). They
+are rewritten as each target finishes, so a run stopped half-way keeps the targets done. A target whose image
+cannot be read is skipped: its row names the error, and the others are kept.
 
 The command line (``python evaluate.py --config configs/eval_photos.yaml``) reads the same sections as
 ``invert.py fit``: ``data``, ``model`` (the attack's options, victim included), ``client``, ``trainer`` and
@@ -21,6 +23,8 @@ import csv
 import functools
 import logging
 import math
+import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,15 +35,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
 from .attack import GradientInversion
+from .cli import StopOnSignal
 from .client import Client
 from .data import VisionData
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
-from .report import InversionReport, upscale
+from .report import InversionReport, OutputFolderError, check_writable, upscale
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,10 @@ COLUMNS = (
     "label_accuracy",
     "seconds",
     "chosen_restart",
+    "error",
 )
+# Errors of reading one target's image (a corrupt or missing file) that skip that target, not the evaluation.
+UNREADABLE = (OSError, ValueError, RuntimeError)
 # What evaluation.md summarises, with the heading of each row.
 SUMMARY = {
     "psnr": ("PSNR (dB)", ".2f"),
@@ -81,10 +90,11 @@ class Evaluation:
     """The outcome of :func:`evaluate_targets`.
 
     Attributes:
-        rows: one dict per target with the keys of :data:`COLUMNS` (``None`` where a metric is unavailable).
+        rows: one dict per target with the keys of :data:`COLUMNS` (``None`` where a metric is unavailable);
+            ``error`` says why a target was skipped (its image could not be read), else ``None``.
         summary: ``(mean, std)`` per metric of :data:`SUMMARY` over the targets.
-        images: the reconstructions in [0, 1], ``(N, C, H, W)``, in target order.
-        truth: the ground truths in [0, 1], ``(N, C, H, W)``.
+        images: the reconstructions in [0, 1], ``(N, C, H, W)``, in target order, skipped targets left out.
+        truth: the ground truths in [0, 1], ``(N, C, H, W)``, likewise.
         notes: remarks for the report (e.g. why LPIPS is unavailable).
     """
 
@@ -135,11 +145,14 @@ def evaluate_targets(
         trainer_kwargs: Lightning ``Trainer`` arguments (``max_steps``, ``precision``, ``accelerator``, ...)
             over a quiet single-device default of 4,800 steps; a fresh Trainer runs each target.
         output_dir: where to write ``evaluation.csv``, ``evaluation.md``, ``evaluation.png`` and
-            ``evaluation.pt``; ``None`` writes nothing.
+            ``evaluation.pt``, after every target; ``None`` writes nothing. It is tried before the first target.
         lpips: measure LPIPS (AlexNet) where its weights can be had.
 
     Returns:
         an :class:`Evaluation` with the rows, the summary and the images.
+
+    Raises:
+        OutputFolderError: ``output_dir`` cannot be written.
     """
     options = dict(attack_options or {})
     decided = sorted(set(options) & set(DECIDED))
@@ -163,46 +176,88 @@ def evaluate_targets(
     if bad:
         raise ValueError(f"target indices {bad} are out of range for a split of {len(dataset)} images")
     settings = {**QUIET_TRAINER, **(trainer_kwargs or {})}
+    if output_dir is not None:
+        check_writable(output_dir, "output_dir")
     metric = LPIPSMetric() if lpips else None
     notes = [metric.reason] if metric is not None and metric.reason else []
+    description = _describe(victim_name, data, options, settings, client)
 
     rows: list[dict[str, Any]] = []
     images, truths = [], []
     flags, was_training = [p.requires_grad for p in victim.parameters()], victim.training
     try:
         for n, index in enumerate(targets):
-            row, image, truth = _attack_one(data, victim, dataset, index, options, client, settings, metric)
-            rows.append(row)
-            images.append(image)
-            truths.append(truth)
-            log.info(
-                "target %d/%d (index %d): PSNR %.2f dB, SSIM %.3f, %.1f s",
-                n + 1,
-                len(targets),
-                index,
-                row["psnr"],
-                row["ssim"],
-                row["seconds"],
-            )
+            try:
+                image, label = dataset[index]
+            except UNREADABLE as error:  # this target only: the others are still worth their time
+                rows.append(_skipped(index, error))
+                log.error(
+                    "target %d/%d (index %d) skipped: %s", n + 1, len(targets), index, rows[-1]["error"]
+                )
+            else:
+                row, image, truth = _attack_one(
+                    data, victim, image, label, index, options, client, settings, metric
+                )
+                rows.append(row)
+                images.append(image)
+                truths.append(truth)
+                log.info(
+                    "target %d/%d (index %d): PSNR %.2f dB, SSIM %.3f, %.1f s",
+                    n + 1,
+                    len(targets),
+                    index,
+                    row["psnr"],
+                    row["ssim"],
+                    row["seconds"],
+                )
+            if output_dir is not None and n + 1 < len(targets):  # what is done so far survives a stop
+                pending = (
+                    f"{len(targets) - n - 1} of {len(targets)} targets still to run when this was written"
+                )
+                partial = _collect(rows, images, truths, [*notes, pending])
+                write_evaluation(output_dir, partial, description)
     finally:  # the caller's model comes back as it was (the attack freezes it)
         for p, flag in zip(victim.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         victim.train(was_training)
 
-    summary = {key: summarize([row[key] for row in rows]) for key in SUMMARY}
-    failed = [row["index"] for row in rows if row["psnr"] is None or math.isnan(row["psnr"])]
+    evaluation = _collect(rows, images, truths, notes)
+    if output_dir is not None:
+        write_evaluation(output_dir, evaluation, description)
+    return evaluation
+
+
+def _collect(
+    rows: list[dict[str, Any]], images: list[Tensor], truths: list[Tensor], notes: list[str]
+) -> Evaluation:
+    """The evaluation of the rows so far: summary over the measured targets, notes on the failed ones."""
+    notes = list(notes)
+    measured = [row for row in rows if row["error"] is None]
+    summary = {key: summarize([row[key] for row in measured]) for key in SUMMARY}
+    failed = [row["index"] for row in measured if row["psnr"] is None or math.isnan(row["psnr"])]
     if failed:  # no finite restart (NaN images): left out of the means, and said so
         notes.append(f"{len(failed)} of {len(rows)} reconstructions failed (NaN), targets {failed}")
-    evaluation = Evaluation(rows, summary, torch.cat(images), torch.cat(truths), notes)
-    if output_dir is not None:
-        write_evaluation(output_dir, evaluation, _describe(victim_name, data, options, settings, client))
-    return evaluation
+    for row in rows:
+        if row["error"] is not None:
+            notes.append(f"target {row['index']} was skipped, its image could not be read: {row['error']}")
+    empty = torch.zeros(0)
+    return Evaluation(
+        rows, summary, torch.cat(images) if images else empty, torch.cat(truths) if truths else empty, notes
+    )
+
+
+def _skipped(index: int, error: BaseException) -> dict[str, Any]:
+    """The row of a target whose image could not be read: no metrics, the error."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(index=index, error=" ".join(f"{type(error).__name__}: {error}".replace("|", "/").split()))
+    return row
 
 
 def _attack_one(
     data: VisionData,
     victim: nn.Module,
-    dataset: Any,
+    image: Tensor,
+    label: int,
     index: int,
     options: dict[str, Any],
     client: Client,
@@ -210,7 +265,6 @@ def _attack_one(
     metric: LPIPSMetric | None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """One target: the client's update, a fresh attack on it, and the measurements (row, images, truth)."""
-    image, label = dataset[index]
     device = next(victim.parameters()).device
     x = torch.as_tensor(image)[None]  # (1, C, H, W), normalised
     y = torch.tensor([int(label)])
@@ -243,6 +297,7 @@ def _attack_one(
         "label_accuracy": measured.get("label_accuracy"),
         "seconds": result.stats.get("seconds") or wall,
         "chosen_restart": result.stats.get("chosen_restart"),
+        "error": None,
     }
     return row, result.images.float().cpu(), truth
 
@@ -297,7 +352,8 @@ def write_evaluation(folder: str | Path, evaluation: Evaluation, description: st
         writer.writerow(COLUMNS)
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in evaluation.rows])
     (folder / "evaluation.md").write_text(evaluation_markdown(evaluation, description))
-    save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth)
+    if len(evaluation.images):
+        save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth)
     torch.save(
         {"images": evaluation.images, "truth": evaluation.truth, "rows": evaluation.rows},
         folder / "evaluation.pt",
@@ -307,7 +363,9 @@ def write_evaluation(folder: str | Path, evaluation: Evaluation, description: st
 
 def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
     """The summary table (mean ± std over targets) and, for up to 32 targets, one row per target."""
-    lines = [f"# Evaluation over {len(evaluation.rows)} targets", ""]
+    skipped = sum(row["error"] is not None for row in evaluation.rows)
+    title = f"# Evaluation over {len(evaluation.rows) - skipped} targets"
+    lines = [title + (f" ({skipped} skipped, see the notes)" if skipped else ""), ""]
     if description:
         lines += [description, ""]
     lines += ["| metric | mean ± std |", "|---|---|"]
@@ -317,7 +375,8 @@ def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
     if len(evaluation.rows) <= 32:
         lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += [
-            "| " + " | ".join(_cell(row[k]) or "n/a" for k in COLUMNS) + " |" for row in evaluation.rows
+            "| " + " | ".join(_cell(row[k]) or ("" if k == "error" else "n/a") for k in COLUMNS) + " |"
+            for row in evaluation.rows
         ]
     lines += [""] + [f"Note: {note}" for note in evaluation.notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -382,14 +441,28 @@ def main(args: list[str] | None = None) -> Evaluation:
     trainer_kwargs = {key: init.trainer[key] for key in _changed(config.trainer, defaults.trainer)}
     trainer_kwargs["max_steps"] = config.trainer.max_steps
     output_dir = config.report.output_dir or "outputs/evaluation"
-    evaluation = evaluate_targets(
-        init.data,
-        config.model.victim,
-        attack_options=attack,
-        client=init.client,
-        trainer_kwargs=trainer_kwargs,
-        output_dir=output_dir,
-        lpips=config.report.lpips,
-    )
+    try:
+        check_writable(output_dir, "--report.output_dir")
+    except OutputFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if args is not None:  # called from Python: let the caller see the exception
+            raise
+        sys.exit(2)
+    # SIGINT/SIGTERM stop the target being attacked after its current step; the finished targets are on disk.
+    with StopOnSignal() as stop:
+        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), stop]
+        try:
+            evaluation = evaluate_targets(
+                init.data,
+                config.model.victim,
+                attack_options=attack,
+                client=init.client,
+                trainer_kwargs=trainer_kwargs,
+                output_dir=output_dir,
+                lpips=config.report.lpips,
+            )
+        except (SIGTERMException, KeyboardInterrupt):  # a KeyboardInterrupt comes between two targets
+            log.error("interrupted: the targets that finished are in %s", Path(output_dir).resolve())
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
     log.info("wrote %s", Path(output_dir).resolve())
     return evaluation

@@ -6,13 +6,16 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -21,6 +24,28 @@ from .images import normalize
 from .metrics import LPIPSMetric, evaluate, match_to_truth, psnr, ssim
 
 log = logging.getLogger(__name__)
+
+
+class OutputFolderError(OSError):
+    """A folder the run must write to cannot be written."""
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Create ``folder`` if needed and write (and remove) a file in it, so a bad folder fails before any work.
+
+    Permission bits alone do not tell (root ignores them; a read-only mount does not show in them): this writes.
+
+    Raises:
+        OutputFolderError: naming the folder and the ``option`` that chose it.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputFolderError(f"cannot write to {folder} ({option}): {reason}") from None
 
 
 def upscale(images: Tensor, min_side: int = 96) -> Tensor:
@@ -79,6 +104,11 @@ class InversionReport(pl.Callback):
     over the steps), ``reconstruction.pt`` (the chosen images in [0, 1], every restart, the labels and the stats)
     and ``metrics.json``, and prints a short summary. Only the global rank 0 measures and writes; under DDP its
     live numbers cover the restarts that rank optimises.
+
+    A run stopped by SIGINT or SIGTERM (a ``SIGTERMException`` at the end of a step, raised by the CLI's
+    ``StopOnSignal`` or by Lightning's own SIGTERM handling) keeps its work: ``last.ckpt`` is saved in the folder of every ``ModelCheckpoint`` and the
+    outputs of the best restarts so far are written, with ``"interrupted": true`` and the step reached in
+    ``metrics.json``. Any other exception can stop a run in the middle of a step and writes nothing.
 
     Args:
         output_dir: where to write the files; ``None`` uses the Trainer's log directory (no files without one).
@@ -191,6 +221,26 @@ class InversionReport(pl.Callback):
         return Path(trainer.log_dir) if trainer.log_dir and trainer.loggers else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: GradientInversion) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: GradientInversion, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):  # a crash or a second Ctrl+C may stop mid-step
+            return
+        # Between two steps, so the state is that of a step's end: the checkpoint first (nothing below touches
+        # the images or the random generators, but the result is built after it all the same).
+        checkpoints = save_last_checkpoint(trainer)
+        pl_module.on_train_end()  # the time so far and the result of the best restarts so far
+        self._finish(trainer, pl_module, interrupted=True, checkpoints=checkpoints)
+
+    def _finish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: GradientInversion,
+        interrupted: bool = False,
+        checkpoints: list[Path] | None = None,
+    ) -> None:
         folder = self._folder if self._folder_known else self.output_folder(trainer)
         self._folder_known = False
         if not trainer.is_global_zero:
@@ -200,12 +250,23 @@ class InversionReport(pl.Callback):
             result = pl_module.reconstruction = pl_module.reconstruct_result()
         self._flush()
         self.metrics = self.measure(result, pl_module)
+        self.metrics["interrupted"] = interrupted
+        if interrupted:
+            self.metrics["interrupted_at_step"] = trainer.global_step
+            self.metrics["max_steps"] = trainer.max_steps
+            self.metrics["checkpoints"] = [str(path) for path in checkpoints or []]
         if "psnr" in self.metrics and result.stats["steps"] not in self.history["psnr_step"]:
             self.history["psnr_step"].append(result.stats["steps"])
             self.history["psnr"].append(self.metrics["psnr"])
         if folder is not None:
             self.write(folder, result)
         self._summarize(result, folder)
+        if interrupted:
+            where = ", ".join(str(path) for path in checkpoints or []) or "nowhere (checkpointing is off)"
+            rank_zero_info(
+                f"Interrupted at step {trainer.global_step} of {trainer.max_steps}: checkpoint in {where}; "
+                "continue with --ckpt_path last"
+            )
 
     def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
@@ -276,6 +337,22 @@ class InversionReport(pl.Callback):
         if folder is not None:
             lines.append(f"  outputs in {folder}")
         rank_zero_info("\n".join(lines))
+
+
+def save_last_checkpoint(trainer: pl.Trainer) -> list[Path]:
+    """Save the run as it stands as ``last.ckpt`` in the folder of every ``ModelCheckpoint`` (call on every rank).
+
+    Returns:
+        the files written (none without a ``ModelCheckpoint`` whose folder is known).
+    """
+    paths: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            if path not in paths:
+                trainer.save_checkpoint(path, weights_only=False)  # the whole run, not the weights alone
+                paths.append(path)
+    return paths
 
 
 def _empty_history() -> dict[str, list]:

@@ -4,22 +4,9 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_inversion.data.photos import center_square, load_photo
-
-
-class TinyConvNet(nn.Module):
-    """A small victim that is not one of the project's own: conv, ReLU, pool, linear."""
-
-    def __init__(self, channels: int = 3, num_classes: int = 10, side: int = 16, width: int = 8) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, width, 3, padding=1)
-        self.pool = nn.AvgPool2d(2)
-        self.fc = nn.Linear(width * (side // 2) ** 2, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+from tests.helpers import TinyConvNet
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +23,6 @@ def cat16() -> torch.Tensor:
 
 
 @pytest.fixture
-def tiny_victim() -> nn.Module:
+def tiny_victim() -> torch.nn.Module:
     torch.manual_seed(0)
     return TinyConvNet().eval()

@@ -121,3 +121,22 @@ def test_missing_pretrained_weights_are_a_message_not_a_traceback(tmp_path):
     assert out.returncode == 2
     assert "resnet18" in out.stderr and "hub/checkpoints" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_lbfgs_reports_optimizer_steps_not_closure_evaluations(tmp_path):
+    """L-BFGS evaluates its closure up to 20 times a step: ``steps`` counts the optimiser's steps."""
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/dlg.yaml"),
+            "--data.init_args.target_indices=[1]",
+            "--trainer.max_steps=3",
+            "--report.lpips=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    result = cli.model.reconstruction
+    assert result.stats["steps"] == 3 and result.stats["restart_steps"] == [3]
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["attack"]["steps"] == 3

@@ -6,11 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from PIL import Image
+from torchvision.utils import save_image
 
-from lightning_inversion.data import PhotoData
+from lightning_inversion.data import ImageFolderData, PhotoData
+from lightning_inversion.data.photos import center_square, load_photo
 from lightning_inversion.evaluation import COLUMNS, evaluate_targets, main
-from tests.conftest import TinyConvNet
+from lightning_inversion.report import OutputFolderError
+from tests.helpers import TinyConvNet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "eval_photos.yaml"
@@ -54,6 +58,52 @@ def test_one_row_per_target_and_a_summary_that_agrees(tmp_path):
     assert evaluation.images.shape == evaluation.truth.shape == (3, 3, 16, 16)
 
 
+class RowsWritten(pl.Callback):
+    """Before each target's attack, the rows ``evaluation.csv`` already holds."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        done = (self.folder / "evaluation.csv").is_file()
+        self.seen.append([r["index"] for r in read_rows(self.folder)] if done else [])
+
+
+def test_an_unreadable_target_is_skipped_and_the_others_are_kept_as_they_finish(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["astronaut", "chelsea", None, "coffee"]):
+        if name is None:
+            (photos / f"{i}.png").write_bytes(b"not an image")  # the third target cannot be read
+        else:
+            save_image(center_square(load_photo(name), 16), photos / f"{i}.png")
+    out = tmp_path / "out"
+    written = RowsWritten(out)
+    evaluation = evaluate_targets(
+        ImageFolderData(root=str(photos), image_size=16, labels=[0, 1, 2, 3], num_classes=4),
+        TinyConvNet(num_classes=4).eval(),
+        targets=[0, 1, 2, 3],
+        attack_options={"tv": 1e-4},
+        trainer_kwargs={"max_steps": 2, "callbacks": [written]},
+        output_dir=out,
+        lpips=False,
+    )
+    assert written.seen == [[], ["0"], ["0", "1", "2"]]  # each result was on disk before the next target ran
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3"]
+    assert all(float(rows[i]["psnr"]) > 0 and rows[i]["error"] == "" for i in (0, 1, 3))
+    assert rows[2]["psnr"] == "" and "cannot read image" in rows[2]["error"] and "2.png" in rows[2]["error"]
+    assert evaluation.images.shape == evaluation.truth.shape == (3, 3, 16, 16)
+    mean = sum(float(rows[i]["psnr"]) for i in (0, 1, 3)) / 3
+    assert evaluation.summary["psnr"][0] == pytest.approx(mean, rel=1e-5)
+    markdown = (out / "evaluation.md").read_text()
+    assert markdown.startswith("# Evaluation over 3 targets (1 skipped, see the notes)")
+    assert (
+        "Note: target 2 was skipped, its image could not be read: ValueError: cannot read image" in markdown
+    )
+    assert "still to run" not in markdown  # the final table, not a partial one
+
+
 def test_the_shipped_config_parses(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(CONFIG), "--print_config"])
@@ -88,3 +138,12 @@ def test_smoke_help_in_a_subprocess():
     out = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--model.restarts" in out.stdout and "--trainer.max_steps" in out.stdout
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_first_target(tmp_path, capsys):
+    blocker = tmp_path / "a_file"  # tests run as root, which ignores permission bits: the parent is a file
+    blocker.write_text("")
+    with pytest.raises(OutputFolderError):
+        main(["--config", str(CONFIG), "--trainer.max_steps=2", f"--report.output_dir={blocker / 'out'}"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: cannot write to {blocker / 'out'} (--report.output_dir): Not a directory"

@@ -12,13 +12,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_attack import MEAN, STD, THRESHOLD_DB, make_attack, run_api
 
 import lightning_inversion as li
 from lightning_inversion.attack import GradientInversion
 from lightning_inversion.cli import main
 from lightning_inversion.data import MissingDataError, PhotoData
 from lightning_inversion.objectives import decay_milestones
+from tests.test_attack import MEAN, STD, THRESHOLD_DB, make_attack, run_api
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small attack through the real CLI: the cat photo at 16×16, an untrained ConvNet-8, no LPIPS weights needed.
@@ -41,7 +41,8 @@ def quiet_trainer(max_steps: int, **kwargs) -> pl.Trainer:
 # --- several processes ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
 def test_two_cpu_processes_equal_one(strategy, tmp_path):
-    """4 restarts split over 2 gloo processes (2 each) give the images, scores and choice of one process."""
+    """4 restarts split over 2 gloo processes (2 each) give the images, scores and choice of one process over the
+    first steps (later, rounding moves them apart: see attack.py)."""
     args = [*SMALL, "--model.restarts=4", "--trainer.max_steps=5", "--trainer.accelerator=cpu"]
     # Lightning's DDP launcher re-runs the script for rank 1, so the run goes through invert.py in a subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

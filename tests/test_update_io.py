@@ -143,3 +143,11 @@ def test_missing_file_and_bad_contents(tmp_path: Path) -> None:
         load_update(path)
     with pytest.raises(UpdateFileError, match="kind"):
         load_update(path, kind="gradients")
+
+
+def test_the_public_entry_points_are_at_the_top_level():
+    import lightning_inversion as li
+    from lightning_inversion.analytic import recover_linear_input
+
+    assert li.load_update is load_update and li.recover_linear_input is recover_linear_input
+    assert {"load_update", "recover_linear_input"} <= set(li.__all__)
