@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_trainer_features import SMALL
+from tests.test_trainer_features import SMALL
 
 from lightning_inversion.checkpoints import checkpoint_checksum
 from lightning_inversion.classifier import VictimClassifier
