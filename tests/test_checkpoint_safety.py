@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.test_trainer_features import SMALL
 
 from lightning_inversion.checkpoints import checkpoint_checksum
 from lightning_inversion.classifier import VictimClassifier
@@ -24,6 +23,7 @@ from lightning_inversion.cli import main
 from lightning_inversion.client import Update
 from lightning_inversion.data import MissingDataError, PhotoData
 from lightning_inversion.update_io import save_update
+from tests.test_trainer_features import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 
