@@ -11,17 +11,25 @@ import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from .attack import GradientInversion, TargetMismatchError
+from .attack import TRUE_HALF_PRECISIONS, GradientInversion, TargetMismatchError
 from .client import Client, Update
 from .data import MissingDataError, VisionData
+from .errors import InputError
 from .images import denormalize
 from .report import InversionReport
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "something the user must provide is missing or wrong": a message, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (MissingDataError, TargetMismatchError, FileNotFoundError)
+# (Lightning raises MisconfigurationException for Trainer options it refuses.)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    MissingDataError,
+    InputError,
+    FileNotFoundError,
+    MisconfigurationException,
+)
 
 # The attack's Trainer callbacks unless --trainer.callbacks says otherwise: a checkpoint of the whole run
 # (last.ckpt) every 500 steps, and the learning rate among the logged scalars.
@@ -86,9 +94,12 @@ class InversionCLI(LightningCLI):
             parser.set_defaults({"trainer.max_steps": 4800, "trainer.callbacks": ATTACK_CALLBACKS})
 
     def before_instantiate_classes(self) -> None:
-        if not self.attack or self.subcommand is None:
+        if self.subcommand is None:
             return
         trainer = self.config[self.subcommand].trainer
+        self._check_trainer_options(trainer)
+        if not self.attack:
+            return
         # The default callbacks must not break a Trainer without checkpoints or without a logger.
         drop = set()
         if trainer.get("enable_checkpointing") is False:
@@ -98,6 +109,22 @@ class InversionCLI(LightningCLI):
         callbacks = trainer.get("callbacks")
         if drop and isinstance(callbacks, list):
             trainer.callbacks = [cb for cb in callbacks if _class_name(cb) not in drop]
+
+    def _check_trainer_options(self, trainer) -> None:
+        """Refuse the Trainer options that cannot work, before anything is built (they are Lightning's, untyped)."""
+        max_steps = trainer.get("max_steps")
+        lowest = 0 if self.attack else -1
+        if isinstance(max_steps, int) and max_steps < lowest:
+            allowed = (
+                "a number of steps >= 0" if self.attack else "a number of steps >= 0, or -1 for no limit"
+            )
+            raise InputError(f"--trainer.max_steps must be {allowed}, got {max_steps}")
+        if self.attack and str(trainer.get("precision")) in TRUE_HALF_PRECISIONS:
+            raise InputError(
+                f"--trainer.precision {trainer.get('precision')} would hold the dummy images and the matching "
+                "objective in half precision, where the cosine loss rounds to zero: use bf16-mixed, 16-mixed or "
+                "32-true"
+            )
 
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
         if not self.attack:
@@ -113,7 +140,14 @@ class InversionCLI(LightningCLI):
         if config.get("update"):
             from .update_io import load_update
 
-            model.set_target(load_update(config["update"], model.victim, kind=client.kind))
+            path = config["update"]
+            update = load_update(path, model.victim)  # a gradient unless the file says otherwise
+            # What the file records about how the update was made wins over options left at their defaults.
+            model.client = client.matching(update, source=str(path), prefix="--client.")
+            try:
+                model.set_target(update)
+            except InputError as error:
+                raise InputError(f"{path}: {error}") from None
         elif resuming:
             special = (
                 ckpt_path in ("best", "hpc")
@@ -201,14 +235,38 @@ class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spaw
         return tuple(value) if isinstance(value, list) else value
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """``error`` or the user error behind it (jsonargparse wraps errors raised while instantiating a class)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _user_errors()):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
 def main(
-    args: list[str] | None = None, model_class: type[LightningModule] = GradientInversion
+    args: list[str] | None = None,
+    model_class: type[LightningModule] = GradientInversion,
+    exit_on_error: bool | None = None,
 ) -> InversionCLI | None:
-    """Run the CLI (``args=None`` reads ``sys.argv``); a missing dataset, weights or a bad update exit with a message."""
+    """Run the CLI (``args=None`` reads ``sys.argv``).
+
+    A user's mistake (an option out of range, missing data or weights, a bad update or image file) prints one line,
+    ``error: ...``, and exits with status 2. ``exit_on_error`` (default: only when reading ``sys.argv``) says
+    whether to exit like that; otherwise the line is printed and the exception raised to the caller.
+    """
     try:
         return InversionCLI(model_class, args=args)
-    except _user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        if args is not None:  # called from Python: let the caller see the exception
+    except Exception as error:
+        cause = _user_error(error)
+        if cause is None:
             raise
+        message = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        if not (args is None if exit_on_error is None else exit_on_error):
+            if cause is error:
+                raise
+            raise cause from None
         sys.exit(2)
