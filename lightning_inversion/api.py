@@ -48,12 +48,20 @@ def _client_for(model: nn.Module, client: Client | None) -> Client:
 
 
 def _num_classes(model: nn.Module, image_shape: Sequence[int]) -> int:
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(torch.zeros(1, *image_shape, device=device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *image_shape, device=device))
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"the model cannot take images of shape {tuple(image_shape)} (image_shape): {reason}"
+        ) from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return int(logits.shape[-1])
 
 

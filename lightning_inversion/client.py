@@ -155,8 +155,8 @@ class Client:
         """
         if num_images % self.num_clients:
             raise InputError(
-                f"client option num_clients={self.num_clients} does not divide the batch of {num_images} images: "
-                "every client holds the same number of images"
+                f"client option num_clients={self.num_clients}: {num_images} images do not split evenly over "
+                f"{self.num_clients} clients (every client holds the same number of images)"
             )
         return num_images // self.num_clients
 
