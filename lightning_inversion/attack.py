@@ -345,6 +345,10 @@ class GradientInversion(pl.LightningModule):
                 f"the update is a {update.kind!r} but the client protocol {self.client.protocol!r} sends "
                 f"{self.client.kind!r}: set the client's protocol/send options to match the update"
             )
+        try:  # what the update records about its client (FedAvg settings, clients, mode) must be this client's
+            self.client.matching(update, adopt=False)
+        except InputError as error:
+            raise TargetMismatchError(str(error)) from None
         if update.num_images is not None and update.num_images != self.num_images:
             raise TargetMismatchError(
                 f"the update comes from {update.num_images} images but the attack reconstructs {self.num_images}"

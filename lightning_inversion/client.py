@@ -164,7 +164,9 @@ class Client:
         """The ``__init__`` arguments of this client."""
         return {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
 
-    def matching(self, update: Update, source: str = "the update", prefix: str = "client option ") -> Client:
+    def matching(
+        self, update: Update, source: str = "the update", prefix: str = "client option ", adopt: bool = True
+    ) -> Client:
         """This client with the options ``update`` records about how it was made.
 
         An update describes itself when :meth:`update` made it or
@@ -177,9 +179,11 @@ class Client:
             update: the update to attack.
             source: the update's name in messages (its file).
             prefix: how messages name an option (``--client.`` on the command line).
+            adopt: take recorded values for options left at their defaults; ``False`` refuses every difference.
 
         Raises:
-            InputError: an option that is not the default contradicts the update's description.
+            InputError: an option that is not the default (any option, without ``adopt``) contradicts the update's
+                description.
         """
         recorded = recorded_options(update)
         mine = self.options()
@@ -195,7 +199,7 @@ class Client:
         for name, value in recorded.items():
             if _same_option(mine[name], value):
                 continue
-            if not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
+            if not adopt or not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
                 what = f" (a {update.kind!r} update)" if name in ("protocol", "send") else ""
                 raise InputError(
                     f"{prefix}{name} {mine[name]!r} contradicts {source}, which records {name} {value!r}{what}: "
