@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -92,6 +95,19 @@ class InversionCLI(LightningCLI):
                 "the update is (gradient, or FedAvg delta/weights).",
             )
             parser.set_defaults({"trainer.max_steps": 4800, "trainer.callbacks": ATTACK_CALLBACKS})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # A value its type refuses (``--model.restarts 0``) becomes one line naming the option and what is allowed;
+        # every other parser message passes through as the parser wrote it.
+        written = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(written):
+                super().parse_arguments(parser, args)
+        except SystemExit as exit:
+            line = _type_error_line(written.getvalue()) if exit.code == 2 else None
+            sys.stderr.write(line or written.getvalue())
+            raise
+        sys.stderr.write(written.getvalue())
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -221,6 +237,38 @@ def _class_name(callback) -> str:
     if path is None and isinstance(callback, dict):
         path = callback.get("class_path")
     return str(path).rsplit(".", 1)[-1] if path else type(callback).__name__
+
+
+# What the parser's constrained types allow, in words.
+_ALLOWED = {
+    "PositiveInt": "a whole number > 0",
+    "NonNegativeInt": "a whole number >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number in [0, 1]",
+    "OpenUnitInterval": "a number in (0, 1)",
+}
+
+
+def _type_error_line(output: str) -> str | None:
+    """One line for a parser error about a value its constrained type refuses, or ``None`` for other errors.
+
+    jsonargparse reports ``--data.image_size 0`` as the usage, then ``Parser key "data": ... Parser key
+    "image_size": Not of type PositiveInt: 0 does not conform to restriction v>0`` over several lines.
+    """
+    error = output[output.rfind("error: Parser key") :] if "error: Parser key" in output else ""
+    found = re.search(r"Not of type (\w+): (.*)", error)
+    if found is None or found.group(1) not in _ALLOWED:
+        return None
+    keys = re.findall(r'Parser key "([^"]+)"', error[: found.start()])
+    option = ".".join(k for i, k in enumerate(keys) if i == 0 or not k.startswith(keys[0] + "."))
+    value = re.match(r"(.*?) does not conform", found.group(2))
+    given = value.group(1) if value and value.group(1) else None
+    if given is None:
+        nested = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?(.+?)\)?$", error, re.MULTILINE)
+        given = nested.group(1).strip("'") if nested else None
+    got = f", got {given}" if given else ""
+    return f"error: --{option} must be {_ALLOWED[found.group(1)]}{got}\n"
 
 
 class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spawn can pickle the parser

@@ -209,7 +209,8 @@ def test_bad_input_exits_2_with_one_message(extra, named, files, tmp_path, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    message = err[err.rindex("error:") :]  # the parser prints its usage first
+    message = err[err.rindex("error:") :]
+    assert message.count("\n") == 1 and message.endswith("\n"), message  # one line
     for word in named:
         assert _fill(word, files) in message, message
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
@@ -437,3 +438,12 @@ def test_the_api_names_what_is_wrong_with_its_arguments(tiny_victim):
         _api(tiny_victim, torch.cat([g.flatten() for g in gradient]))
     with pytest.raises(InputError, match="cannot take images of shape"):
         li.reconstruct(tiny_victim, gradient, torch.tensor([3, 5]), image_shape=(3, 4, 4), num_images=2)
+
+
+def test_the_module_refuses_a_client_that_contradicts_the_update(tiny_victim):
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    fedavg = {"protocol": "fedavg", "local_steps": 2, "local_lr": 1e-2}
+    update = Client(**fedavg, num_clients=2).update(tiny_victim, images, labels)
+    attack = _small_attack(tiny_victim, num_images=2, client=Client(**fedavg))
+    with pytest.raises(InputError, match="num_clients 1 contradicts the update, which records num_clients 2"):
+        attack.set_target(update)
