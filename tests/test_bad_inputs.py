@@ -132,6 +132,7 @@ CASES = [
         ["--data.target_indices=null", "--data.num_images=20"],
         ["num_images 20", "8"],
     ),
+    ("num_images beside target_indices", ["--data.num_images=20"], ["target_indices [1]", "num_images 20"]),
     ("target index over the data", ["--data.target_indices=[99]"], ["target_indices [99]", "0 to 7"]),
     (
         "clients do not divide",

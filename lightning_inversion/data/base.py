@@ -66,6 +66,21 @@ class VisionData(pl.LightningDataModule):
             *(("target_indices", i, 0) for i in target_indices or ()),
         ):
             check_whole(name, value, low)
+        if target_indices:  # they choose the images: options that choose them otherwise must not disagree
+            ignored = [
+                f"{name} {value}"
+                for name, value, unset in (
+                    ("num_images", num_images, num_images in (1, len(target_indices))),
+                    ("start_index", start_index, start_index == 0),
+                    ("distinct_labels", distinct_labels, not distinct_labels),
+                )
+                if not unset
+            ]
+            if ignored:
+                raise InputError(
+                    f"target_indices {list(target_indices)} choose the {len(target_indices)} target images, so "
+                    f"{' and '.join(ignored)} would be ignored: give target_indices or those options, not both"
+                )
         self.root = root
         # Plain ints, not the parser's PositiveInt: whatever is saved from them loads with weights_only=True.
         self.batch_size = int(batch_size)
