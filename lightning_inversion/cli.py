@@ -157,7 +157,11 @@ class InversionCLI(LightningCLI):
             from .update_io import load_update
 
             path = config["update"]
-            update = load_update(path, model.victim)  # a gradient unless the file says otherwise
+            update = load_update(path, model.victim)
+            if (
+                "kind" not in update.meta["recorded"]
+            ):  # a plain dict or list: the client options say what it is
+                update.kind = client.kind
             # What the file records about how the update was made wins over options left at their defaults.
             model.client = client.matching(update, source=str(path), prefix="--client.")
             try:

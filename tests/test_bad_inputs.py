@@ -56,6 +56,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_update(gradient, paths["gradient.safetensors"])
     save_update(delta, paths["delta.pt"])
     save_update(delta, paths["delta.safetensors"])
+    paths["delta_plain.pt"] = folder / "delta_plain.pt"  # names -> tensors and the labels: no description
+    torch.save({**dict(zip(delta.names, delta.tensors)), "__labels__": delta.labels}, paths["delta_plain.pt"])
 
     def variant(name: str, **changes) -> None:
         state = gradient.state_dict()
@@ -265,6 +267,17 @@ def test_a_fedavg_file_is_attacked_as_fedavg_with_the_default_client(files, tmp_
         ]
     )
     assert torch.equal(default.model.reconstruction.restarts, explicit.model.reconstruction.restarts)
+    # A file that records nothing is what the client options say it is.
+    plain = main(
+        [
+            *run,
+            f"--update={files['delta_plain.pt']}",
+            "--client.protocol=fedavg",
+            "--client.local_steps=2",
+            "--client.local_lr=0.01",
+        ]
+    )
+    assert torch.equal(default.model.reconstruction.restarts, plain.model.reconstruction.restarts)
 
 
 def test_client_matching_adopts_the_record_and_refuses_contradictions():
