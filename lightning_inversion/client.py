@@ -187,7 +187,7 @@ class Client:
         """
         recorded = recorded_options(update)
         mine = self.options()
-        adopted = dict(mine)
+        adopted, effective = dict(mine), dict(mine)
         if "local_steps" in recorded and self.local_epochs is not None:
             steps = self.steps_for(update.num_images or 1)
             if steps != recorded["local_steps"]:
@@ -195,9 +195,9 @@ class Client:
                     f"{prefix}local_epochs {self.local_epochs} means {steps} local steps, but {source} records "
                     f"local_steps {recorded['local_steps']}: drop the option"
                 )
-            adopted["local_epochs"] = None
+            effective["local_steps"] = steps  # what local_epochs means for this batch
         for name, value in recorded.items():
-            if _same_option(mine[name], value):
+            if _same_option(effective[name], value):
                 continue
             if not adopt or not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
                 what = f" (a {update.kind!r} update)" if name in ("protocol", "send") else ""

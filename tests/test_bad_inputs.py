@@ -296,6 +296,8 @@ def test_client_matching_adopts_the_record_and_refuses_contradictions():
         Client(num_clients=4).matching(update)
     with pytest.raises(InputError, match=r"local_epochs 5 means 10 local steps.*local_steps 3"):
         Client(local_epochs=5, local_batch_size=2).matching(update)
+    epochs = Client(protocol="fedavg", local_epochs=2, local_lr=0.05, local_batch_size=2)
+    assert epochs.matching(epochs.update(victim, x, y), adopt=False) is epochs  # 2 epochs: 4 recorded steps
     # An update that records nothing (a plain file) leaves the client as it is.
     plain = Update(list(update.tensors), list(update.names), "gradient", meta={"recorded": []})
     client = Client(protocol="fedavg", num_clients=2)
