@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -10,17 +11,68 @@ from torch import Tensor, nn
 
 from .attack import GradientInversion, Reconstruction
 from .client import Client, Update
+from .errors import InputError
 from .report import InversionReport
+
+# Layers whose output depends on the mode (training or eval): the client's update does too.
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _model_mode(model: nn.Module) -> bool | None:
+    """Whether the model's batch-norm and dropout layers are in training mode; ``None`` when it has none.
+
+    Raises:
+        InputError: some are in training mode and some in eval mode.
+    """
+    modes = {m.training for m in model.modules() if isinstance(m, _MODE_DEPENDENT)}
+    if len(modes) > 1:
+        raise InputError(
+            "the model's batch-norm/dropout layers are partly in training and partly in eval mode, and the update "
+            "depends on it: call model.train() or model.eval() as the client did"
+        )
+    return modes.pop() if modes else None
+
+
+def _client_for(model: nn.Module, client: Client | None) -> Client:
+    """The client's protocol: the given one, or FedSGD; its mode is the model's (batch norm and dropout)."""
+    mode = _model_mode(model)
+    if client is None:
+        return Client(train_mode=bool(mode))
+    if mode is not None and client.train_mode != mode:
+        raise InputError(
+            f"Client(train_mode={client.train_mode}) contradicts the model, whose batch-norm/dropout layers are in "
+            f"{'training' if mode else 'eval'} mode: put the model in the client's mode (model.train() or "
+            "model.eval()) or pass a client that agrees"
+        )
+    return client
 
 
 def _num_classes(model: nn.Module, image_shape: Sequence[int]) -> int:
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(torch.zeros(1, *image_shape, device=device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *image_shape, device=device))
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"the model cannot take images of shape {tuple(image_shape)} (image_shape): {reason}"
+        ) from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return int(logits.shape[-1])
+
+
+def _as_labels(labels) -> Tensor:
+    """Labels as a long tensor; fractional values are refused, not truncated."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise InputError(f"labels must be whole class indices, got {labels.tolist()}")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"labels must be class indices, got a tensor of {labels.dtype}")
+    return labels.long()
 
 
 def reconstruct(
@@ -49,7 +101,8 @@ def reconstruct(
 
     Args:
         model: any ``nn.Module`` classifier taking ``(B, *image_shape)`` normalised images; it is left as it was
-            (its ``requires_grad`` flags and mode are restored).
+            (its ``requires_grad`` flags and mode are restored). Its mode is the client's: batch norm (and
+            dropout) in training mode means the gradient was computed in training mode.
         target_gradient: the gradient of the mean cross-entropy over the batch, one tensor per parameter in
             ``model.parameters()`` order (what ``torch.autograd.grad(loss, model.parameters())`` returns), or an
             :class:`~lightning_inversion.client.Update` (for FedAvg updates).
@@ -62,6 +115,9 @@ def reconstruct(
         max_steps: optimisation steps.
         cost, tv, signed, boxed, lr, seed: as in :class:`~lightning_inversion.attack.GradientInversion`.
         client: the client's protocol (FedSGD by default; pass ``Client(protocol="fedavg", ...)`` for updates).
+            Its ``train_mode`` must agree with the model's mode. What an :class:`Update` records about how it was
+            made (kind, number of clients, FedAvg settings) fills the options left at their defaults; a
+            contradiction is refused (:meth:`Client.matching`).
         ground_truth: the true images in [0, 1], to measure the result (``result.metrics``); never used by the
             attack.
         trainer_kwargs: passed on to the Lightning ``Trainer`` (e.g. ``accelerator``, ``devices``,
@@ -74,18 +130,44 @@ def reconstruct(
         a :class:`~lightning_inversion.attack.Reconstruction`: ``images`` ``(B, C, H, W)`` in [0, 1], ``labels``,
         ``restarts`` and ``stats`` (per-restart scores, chosen restart, steps, seconds); ``metrics`` when
         ``ground_truth`` was given.
+
+    Raises:
+        InputError: an argument that cannot work (a model without parameters, a gradient entry that is not a
+            tensor, NaN or an all-zero gradient, labels that are not class indices, contradicting modes or client
+            options, ``max_steps`` 0 without a closed-form recovery, ...); the message says which and why.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not list(model.parameters()):
+        raise InputError(
+            f"the model {type(model).__name__} has no parameters: there is no gradient to invert"
+        )
     image_shape = tuple(int(s) for s in image_shape)
     channels = image_shape[0]
     mean = tuple(mean) if mean is not None else (0.0,) * channels
     std = tuple(std) if std is not None else (1.0,) * channels
-    client = client or Client()
+    client = _client_for(model, client)
+    if labels is not None:
+        labels = _as_labels(labels)
     if isinstance(target_gradient, Update):
         update = target_gradient
         if labels is not None:
-            update.labels = labels
+            update = dataclasses.replace(update, labels=labels)
+        client = client.matching(update)
     else:
+        if isinstance(target_gradient, Tensor) or not isinstance(target_gradient, Sequence):
+            raise InputError(
+                "target_gradient must be a list of tensors, one per model parameter (what torch.autograd.grad "
+                f"returns), or an Update; got {type(target_gradient).__name__}"
+            )
         names = [n for n, _ in model.named_parameters()]
+        for i, g in enumerate(target_gradient):
+            if not isinstance(g, Tensor):
+                name = names[i] if i < len(names) else i
+                raise InputError(
+                    f"target_gradient[{i}] ({name}) is {type(g).__name__}, not a tensor: give every parameter's "
+                    "gradient (zeros for a parameter the loss does not reach)"
+                )
         update = Update([g.detach() for g in target_gradient], names, client.kind, labels, num_images)
     if "label_strategy" not in options:
         options["label_strategy"] = (

@@ -50,12 +50,14 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from .client import Client, Update, _has_batchnorm
+from .client import Client, Update, _has_batchnorm, update_problem
+from .errors import InputError
 from .images import IMAGENET_MEAN, IMAGENET_STD, box_bounds, denormalize, median_filter3x3, project_box
 from .labels import batch_label_counts, idlg_label
 from .objectives import (
@@ -81,7 +83,7 @@ OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
 
 
-class TargetMismatchError(ValueError):
+class TargetMismatchError(InputError):
     """The update does not fit the victim (a tensor's count, name or shape, or the protocol)."""
 
 
@@ -170,25 +172,25 @@ class GradientInversion(pl.LightningModule):
     def __init__(
         self,
         victim: str | nn.Module = "ConvNet-16",
-        num_classes: int = 8,
+        num_classes: PositiveInt = 8,
         image_shape: tuple[int, int, int] = (3, 32, 32),
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
-        num_images: int = 1,
-        restarts: int = 1,
+        num_images: PositiveInt = 1,
+        restarts: PositiveInt = 1,
         cost: Cost = "sim",
         layers: LayerSelection = "all",
-        layers_k: int | None = None,
+        layers_k: PositiveInt | None = None,
         layer_indices: list[int] | None = None,
         layer_weights: LayerWeighting = "equal",
-        tv: float = 1e-2,
+        tv: NonNegativeFloat = 1e-2,
         signed: bool = True,
         boxed: bool = True,
         init: Init = "randn",
         optimizer: OptimizerFactory = torch.optim.Adam,
-        lr: float = 0.1,
+        lr: PositiveFloat = 0.1,
         lr_decay: bool = True,
-        median_filter_every: int = 0,
+        median_filter_every: NonNegativeInt = 0,
         label_strategy: LabelStrategy = "given",
         restart_selection: RestartSelection = "matching",
         client: Client | None = None,
@@ -198,12 +200,27 @@ class GradientInversion(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {restarts}")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        _check_whole("restarts", restarts, 1)
+        _check_whole("num_images", num_images, 1)
+        _check_whole("num_classes", num_classes, 1)
+        _check_whole("median_filter_every", median_filter_every, 0)
+        if layers_k is not None:
+            _check_whole("layers_k", layers_k, 1)
+        _check_number("lr", lr, positive=True)
+        _check_number("tv", tv, positive=False)
+        if len(image_shape) != 3 or not all(_whole(s) and s >= 1 for s in image_shape):
+            raise InputError(f"image_shape must be three whole numbers >= 1 (C, H, W), got {image_shape}")
         if len(mean) != image_shape[0] or len(std) != image_shape[0]:
-            raise ValueError(f"mean {mean} and std {std} must have one value per channel of {image_shape}")
+            raise InputError(f"mean {mean} and std {std} must have one value per channel of {image_shape}")
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise InputError(f"std must be finite and > 0 in every channel, got {std}")
+        # Plain Python values (not the parser's PositiveInt...): hyperparameters load with weights_only=True.
+        num_classes, num_images, restarts = int(num_classes), int(num_images), int(restarts)
+        layers_k = None if layers_k is None else int(layers_k)
+        tv, lr, median_filter_every = float(tv), float(lr), int(median_filter_every)
+        image_shape = tuple(int(s) for s in image_shape)
+        if client is not None:
+            client.split(num_images)
         ignore = ["client", "optimizer"] + ([] if isinstance(victim, str) else ["victim"])
         self.save_hyperparameters(ignore=ignore)
         if victim_checkpoint is not None:
@@ -211,9 +228,23 @@ class GradientInversion(pl.LightningModule):
         elif isinstance(victim, str):
             from .victims import build_victim
 
-            victim = build_victim(
-                victim, num_classes, tuple(image_shape), pretrained=pretrained, weights_path=victim_weights
-            )
+            try:
+                victim = build_victim(
+                    victim,
+                    num_classes,
+                    tuple(image_shape),
+                    pretrained=pretrained,
+                    weights_path=victim_weights,
+                )
+            except KeyError as error:  # an unknown name: the message lists the valid ones
+                raise InputError(f"victim: {error.args[0]}") from None
+            except RuntimeError as error:  # e.g. images too small for the victim's pooling layers
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise InputError(
+                    f"the victim {victim} cannot be built for images of shape {tuple(image_shape)} (image_size, "
+                    f"image_shape): {reason}"
+                ) from None
+        _check_victim(victim, num_classes, tuple(image_shape))
         self.victim = victim.requires_grad_(False)
         self.client = client or Client()
         self.num_classes = num_classes
@@ -326,13 +357,28 @@ class GradientInversion(pl.LightningModule):
                 f"the update is a {update.kind!r} but the client protocol {self.client.protocol!r} sends "
                 f"{self.client.kind!r}: set the client's protocol/send options to match the update"
             )
+        try:  # what the update records about its client (FedAvg settings, clients, mode) must be this client's
+            self.client.matching(update, adopt=False)
+        except InputError as error:
+            raise TargetMismatchError(str(error)) from None
         if update.num_images is not None and update.num_images != self.num_images:
             raise TargetMismatchError(
                 f"the update comes from {update.num_images} images but the attack reconstructs {self.num_images}"
             )
+        self.client.split(self.num_images)
+        problem = update_problem(update, self.victim)
+        if problem is not None:
+            raise TargetMismatchError(f"the update cannot be attacked: {problem}")
+        if update.labels is not None and bool((update.labels >= self.num_classes).any()):
+            raise TargetMismatchError(
+                f"labels {update.labels.tolist()} are out of range for the victim's {self.num_classes} classes"
+            )
         self.update = update
         if self.init == "analytic":
-            self._analytic_init(update)
+            try:
+                self._analytic_init(update)
+            except ValueError as error:
+                raise InputError(f"init 'analytic': {error}") from None
         labels = self._labels_for(update)
         if labels is not None:
             self.target_labels.copy_(labels.to(self.target_labels.device))
@@ -351,7 +397,7 @@ class GradientInversion(pl.LightningModule):
                     f"labels of shape {tuple(update.labels.shape)}, expected ({self.num_images},)"
                 )
             return update.labels.long()
-        weight, bias = self._last_linear_gradients(update)
+        weight, bias = self._label_recovery_input(update)
         if self.label_strategy == "idlg":
             if self.num_images != 1:
                 raise TargetMismatchError(
@@ -359,6 +405,12 @@ class GradientInversion(pl.LightningModule):
                 )
             return torch.tensor([idlg_label(weight, update.kind)])
         return batch_label_counts(weight, bias, self.num_images, update.kind)
+
+    def _label_recovery_input(self, update: Update) -> tuple[Tensor, Tensor | None]:
+        try:
+            return self._last_linear_gradients(update)
+        except ValueError as error:
+            raise InputError(f"label_strategy {self.label_strategy!r}: {error}") from None
 
     def _last_linear_gradients(self, update: Update) -> tuple[Tensor, Tensor | None]:
         """The last layer's weight (and bias) entries of the update, found as the last (K, D) tensor."""
@@ -387,6 +439,17 @@ class GradientInversion(pl.LightningModule):
             raise RuntimeError(
                 "no target update: call set_target(update) before fitting, or resume a checkpoint"
             )
+        if (
+            self._trainer is not None
+            and self.trainer.max_steps == 0
+            and not self.analytic_exact
+            and int(self.restart_steps.max()) == 0
+        ):
+            raise InputError(
+                "trainer max_steps 0 runs no optimisation step: the images would be the random initialisation. "
+                "Give max_steps >= 1; 0 fits only init 'analytic' on a victim whose first linear layer reads the "
+                "image (an MLP)"
+            )
         if self._rng_to_restore is not None:
             self._restore_rng(self._rng_to_restore)
             self._rng_to_restore = None
@@ -396,15 +459,19 @@ class GradientInversion(pl.LightningModule):
         # that DDP never broadcasts the target gradient as a buffer.
         # On a GPU the cosine runs over one concatenated vector (fewer kernel launches); on a CPU per tensor, which
         # is faster there (BENCHMARKS.md, "Speed changes made").
-        self.__dict__["objective"] = GradientMatching(
-            update.tensors,
-            self.cost,
-            self.layers,
-            self.layers_k,
-            self.layer_indices,
-            self.layer_weighting,
-            flat=self.device.type == "cuda",
-        ).to(self.device)
+        try:
+            objective = GradientMatching(
+                update.tensors,
+                self.cost,
+                self.layers,
+                self.layers_k,
+                self.layer_indices,
+                self.layer_weighting,
+                flat=self.device.type == "cuda",
+            )
+        except ValueError as error:  # a layer selection that does not fit this victim
+            raise InputError(f"layers {self.layers!r}: {error}") from None
+        self.__dict__["objective"] = objective.to(self.device)
         low, high = box_bounds(self.mean, self.std, self.dummy_images)
         self.__dict__["_box"] = (low, high)
         self.last_cost = self.last_cost.to(self.device)
@@ -713,6 +780,51 @@ def _describe(factory) -> str:
     return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_whole(name: str, value, low: int) -> None:
+    if not _whole(value) or value < low:
+        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise InputError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+
+def _check_victim(victim: nn.Module, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse a victim without parameters, or one that cannot classify images of ``image_shape`` into
+    ``num_classes`` classes, before anything is computed with it (one forward pass of a zero image)."""
+    params = list(victim.parameters())
+    if not params:
+        raise InputError(
+            f"the victim {type(victim).__name__} has no parameters: there is no update to invert"
+        )
+    modes = [(m, m.training) for m in victim.modules()]
+    victim.eval()  # batch norm in training mode refuses a batch of one
+    try:
+        with torch.no_grad():
+            logits = victim(torch.zeros(1, *image_shape, device=params[0].device, dtype=params[0].dtype))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"the victim {type(victim).__name__} cannot take images of shape {image_shape} (image_size, "
+            f"image_shape): {reason}"
+        ) from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[-1] != num_classes:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise InputError(
+            f"the victim {type(victim).__name__} gives outputs of shape {shape} for one image, not (1, "
+            f"{num_classes}) logits for num_classes={num_classes}"
+        )
+
+
 def _same(a, b) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b, strict=True))
@@ -723,10 +835,10 @@ def check_precision(precision: str) -> None:
     """Refuse a Trainer precision that holds the attack itself in half precision.
 
     Raises:
-        ValueError: for ``bf16-true`` and ``16-true``.
+        InputError: for ``bf16-true`` and ``16-true``.
     """
     if str(precision) in TRUE_HALF_PRECISIONS:
-        raise ValueError(
+        raise InputError(
             f"precision {precision!r} holds the dummy images and the matching objective in half precision: the "
             "cosine loss rounds to zero and the images stop improving. Use 'bf16-mixed' or '16-mixed' (the "
             "victim's passes in half precision, the images and the objective in fp32) or '32-true'."

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from .errors import InputError
 from .images import CIFAR10_MEAN, CIFAR10_STD
 from .victims import build_victim
 
@@ -60,9 +61,9 @@ class VictimClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if nesterov and momentum <= 0:
-            raise ValueError(f"Nesterov momentum needs momentum > 0, got {momentum}")
+            raise InputError(f"Nesterov momentum needs momentum > 0, got {momentum}")
         if len(mean) != image_shape[0] or len(std) != image_shape[0]:
-            raise ValueError(f"mean {mean} and std {std} need one value per channel of {image_shape}")
+            raise InputError(f"mean {mean} and std {std} need one value per channel of {image_shape}")
         # Plain Python types in the hyper-parameters, so the checkpoint loads with torch.load(weights_only=True)
         # (save_hyperparameters reads these locals; under the CLI it stores the parsed config, plain already).
         image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,9 +23,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from .attack import GradientInversion, TargetMismatchError
+from .attack import TRUE_HALF_PRECISIONS, GradientInversion
 from .checkpoints import (
     CHECKSUM_KEY,
     CheckpointError,
@@ -33,16 +36,19 @@ from .checkpoints import (
 )
 from .client import Client, Update
 from .data import MissingDataError, VisionData
+from .errors import InputError
 from .images import denormalize
 from .report import InversionReport, OutputFolderError, check_writable
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "something the user must provide is missing or wrong": a message, no traceback.
+# (Lightning raises MisconfigurationException for Trainer options it refuses.)
 USER_ERRORS: tuple[type[Exception], ...] = (
     MissingDataError,
-    TargetMismatchError,
+    InputError,
     FileNotFoundError,
+    MisconfigurationException,
     CheckpointError,
     OutputFolderError,
 )
@@ -120,10 +126,26 @@ class InversionCLI(LightningCLI):
             )
             parser.set_defaults({"trainer.max_steps": 4800, "trainer.callbacks": ATTACK_CALLBACKS})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # A value its type refuses (``--model.restarts 0``) becomes one line naming the option and what is allowed;
+        # every other parser message passes through as the parser wrote it.
+        written = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(written):
+                super().parse_arguments(parser, args)
+        except SystemExit as exit:
+            line = _type_error_line(written.getvalue()) if exit.code == 2 else None
+            sys.stderr.write(line or written.getvalue())
+            raise
+        sys.stderr.write(written.getvalue())
+
     def before_instantiate_classes(self) -> None:
-        if not self.attack or self.subcommand is None:
+        if self.subcommand is None:
             return
         trainer = self.config[self.subcommand].trainer
+        self._check_trainer_options(trainer)
+        if not self.attack:
+            return
         # The default callbacks must not break a Trainer without checkpoints or without a logger.
         drop = set()
         if trainer.get("enable_checkpointing") is False:
@@ -215,6 +237,22 @@ class InversionCLI(LightningCLI):
         io = io.checkpoint_io if isinstance(io, _WrappingCheckpointIO) else io
         io.prime(path, checkpoint)
 
+    def _check_trainer_options(self, trainer) -> None:
+        """Refuse the Trainer options that cannot work, before anything is built (they are Lightning's, untyped)."""
+        max_steps = trainer.get("max_steps")
+        lowest = 0 if self.attack else -1
+        if isinstance(max_steps, int) and max_steps < lowest:
+            allowed = (
+                "a number of steps >= 0" if self.attack else "a number of steps >= 0, or -1 for no limit"
+            )
+            raise InputError(f"--trainer.max_steps must be {allowed}, got {max_steps}")
+        if self.attack and str(trainer.get("precision")) in TRUE_HALF_PRECISIONS:
+            raise InputError(
+                f"--trainer.precision {trainer.get('precision')} would hold the dummy images and the matching "
+                "objective in half precision, where the cosine loss rounds to zero: use bf16-mixed, 16-mixed or "
+                "32-true"
+            )
+
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
         resumed = self.resumed_checkpoint
         if not self.attack:
@@ -233,10 +271,20 @@ class InversionCLI(LightningCLI):
         if config.get("update"):
             from .update_io import load_update
 
-            given = load_update(config["update"], model.victim, kind=client.kind)
+            path = config["update"]
+            given = load_update(path, model.victim)
+            if (
+                "kind" not in given.meta["recorded"]
+            ):  # a plain dict or list: the client options say what it is
+                given.kind = client.kind
+            # What the file records about how the update was made wins over options left at their defaults.
+            model.client = client = client.matching(given, source=str(path), prefix="--client.")
         if ckpt_path is None:
             if given is not None:
-                model.set_target(given)
+                try:
+                    model.set_target(given)
+                except InputError as error:
+                    raise InputError(f"{config['update']}: {error}") from None
             else:
                 images, labels = datamodule.attack_targets()  # the client's private batch, normalised
                 model.set_target(client.update(model.victim, images, labels))
@@ -645,6 +693,38 @@ def _class_name(callback) -> str:
     return str(path).rsplit(".", 1)[-1] if path else type(callback).__name__
 
 
+# What the parser's constrained types allow, in words.
+_ALLOWED = {
+    "PositiveInt": "a whole number > 0",
+    "NonNegativeInt": "a whole number >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number in [0, 1]",
+    "OpenUnitInterval": "a number in (0, 1)",
+}
+
+
+def _type_error_line(output: str) -> str | None:
+    """One line for a parser error about a value its constrained type refuses, or ``None`` for other errors.
+
+    jsonargparse reports ``--data.image_size 0`` as the usage, then ``Parser key "data": ... Parser key
+    "image_size": Not of type PositiveInt: 0 does not conform to restriction v>0`` over several lines.
+    """
+    error = output[output.rfind("error: Parser key") :] if "error: Parser key" in output else ""
+    found = re.search(r"Not of type (\w+): (.*)", error)
+    if found is None or found.group(1) not in _ALLOWED:
+        return None
+    keys = re.findall(r'Parser key "([^"]+)"', error[: found.start()])
+    option = ".".join(k for i, k in enumerate(keys) if i == 0 or not k.startswith(keys[0] + "."))
+    value = re.match(r"(.*?) does not conform", found.group(2))
+    given = value.group(1) if value and value.group(1) else None
+    if given is None:
+        nested = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?(.+?)\)?$", error, re.MULTILINE)
+        given = nested.group(1).strip("'") if nested else None
+    got = f", got {given}" if given else ""
+    return f"error: --{option} must be {_ALLOWED[found.group(1)]}{got}\n"
+
+
 class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spawn can pickle the parser
     """``compute_fn`` of an argument link: the attribute ``name`` of the data (lists as tuples)."""
 
@@ -657,14 +737,38 @@ class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spaw
         return tuple(value) if isinstance(value, list) else value
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """``error`` or the user error behind it (jsonargparse wraps errors raised while instantiating a class)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _user_errors()):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
 def main(
-    args: list[str] | None = None, model_class: type[LightningModule] = GradientInversion
+    args: list[str] | None = None,
+    model_class: type[LightningModule] = GradientInversion,
+    exit_on_error: bool | None = None,
 ) -> InversionCLI | None:
-    """Run the CLI (``args=None`` reads ``sys.argv``); a missing dataset, weights or a bad update exit with a message."""
+    """Run the CLI (``args=None`` reads ``sys.argv``).
+
+    A user's mistake (an option out of range, missing data or weights, a bad update or image file) prints one line,
+    ``error: ...``, and exits with status 2. ``exit_on_error`` (default: only when reading ``sys.argv``) says
+    whether to exit like that; otherwise the line is printed and the exception raised to the caller.
+    """
     try:
         return InversionCLI(model_class, args=args)
-    except _user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        if args is not None:  # called from Python: let the caller see the exception
+    except Exception as error:
+        cause = _user_error(error)
+        if cause is None:
             raise
+        message = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        if not (args is None if exit_on_error is None else exit_on_error):
+            if cause is error:
+                raise
+            raise cause from None
         sys.exit(2)

@@ -9,6 +9,7 @@ It is written with ``torch.func.functional_call`` and ``torch.func.grad``, so it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
+
+from .errors import InputError
 
 UpdateKind = Literal["gradient", "delta", "weights"]
 
@@ -100,28 +104,38 @@ class Client:
     def __init__(
         self,
         protocol: Literal["fedsgd", "fedavg"] = "fedsgd",
-        local_steps: int = 5,
-        local_lr: float = 1e-4,
-        local_batch_size: int | None = None,
-        local_epochs: int | None = None,
+        local_steps: PositiveInt = 5,
+        local_lr: PositiveFloat = 1e-4,
+        local_batch_size: PositiveInt | None = None,
+        local_epochs: PositiveInt | None = None,
         send: Literal["delta", "weights"] = "delta",
         train_mode: bool = False,
-        num_clients: int = 1,
+        num_clients: PositiveInt = 1,
     ) -> None:
-        if local_steps < 1:
-            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
-        if local_batch_size is not None and local_batch_size < 1:
-            raise ValueError(f"local_batch_size must be >= 1, got {local_batch_size}")
+        # The command line refuses these through the types; from Python the same rules hold here.
+        for name, value in (
+            ("local_steps", local_steps),
+            ("local_batch_size", local_batch_size),
+            ("local_epochs", local_epochs),
+            ("num_clients", num_clients),
+        ):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise InputError(f"client option {name} must be a whole number >= 1, got {value!r}")
+        if not (isinstance(local_lr, (int, float)) and math.isfinite(local_lr) and local_lr > 0):
+            raise InputError(f"client option local_lr must be a finite number > 0, got {local_lr!r}")
+        if protocol not in ("fedsgd", "fedavg"):
+            raise InputError(f"client option protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
+        if send not in ("delta", "weights"):
+            raise InputError(f"client option send must be 'delta' or 'weights', got {send!r}")
+        # Plain Python values (not the parser's PositiveInt), so that checkpoints load with weights_only=True.
         self.protocol = protocol
-        self.local_steps = local_steps
-        self.local_lr = local_lr
-        self.local_batch_size = local_batch_size
-        self.local_epochs = local_epochs
+        self.local_steps = int(local_steps)
+        self.local_lr = float(local_lr)
+        self.local_batch_size = None if local_batch_size is None else int(local_batch_size)
+        self.local_epochs = None if local_epochs is None else int(local_epochs)
         self.send = send
-        self.train_mode = train_mode
-        if num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-        self.num_clients = num_clients
+        self.train_mode = bool(train_mode)
+        self.num_clients = int(num_clients)
 
     @property
     def kind(self) -> UpdateKind:
@@ -134,10 +148,65 @@ class Client:
         return self.local_epochs * math.ceil(num_images / (self.local_batch_size or num_images))
 
     def split(self, num_images: int) -> int:
-        """Images per client under aggregation; the batch must split evenly."""
+        """Images per client under aggregation; the batch must split evenly.
+
+        Raises:
+            InputError: ``num_images`` is not a multiple of ``num_clients``.
+        """
         if num_images % self.num_clients:
-            raise ValueError(f"{num_images} images do not split evenly over {self.num_clients} clients")
+            raise InputError(
+                f"client option num_clients={self.num_clients}: {num_images} images do not split evenly over "
+                f"{self.num_clients} clients (every client holds the same number of images)"
+            )
         return num_images // self.num_clients
+
+    def options(self) -> dict:
+        """The ``__init__`` arguments of this client."""
+        return {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
+
+    def matching(
+        self, update: Update, source: str = "the update", prefix: str = "client option ", adopt: bool = True
+    ) -> Client:
+        """This client with the options ``update`` records about how it was made.
+
+        An update describes itself when :meth:`update` made it or
+        :func:`~lightning_inversion.update_io.save_update` wrote it: its kind (FedSGD gradient, FedAvg ``delta``
+        or ``weights``), the number of clients averaged, the mode, and for FedAvg the local steps, learning rate
+        and minibatch size. That description is the truth: an option left at its default takes the recorded
+        value, and an option set to something else is refused.
+
+        Args:
+            update: the update to attack.
+            source: the update's name in messages (its file).
+            prefix: how messages name an option (``--client.`` on the command line).
+            adopt: take recorded values for options left at their defaults; ``False`` refuses every difference.
+
+        Raises:
+            InputError: an option that is not the default (any option, without ``adopt``) contradicts the update's
+                description.
+        """
+        recorded = recorded_options(update)
+        mine = self.options()
+        adopted, effective = dict(mine), dict(mine)
+        if "local_steps" in recorded and self.local_epochs is not None:
+            steps = self.steps_for(update.num_images or 1)
+            if steps != recorded["local_steps"]:
+                raise InputError(
+                    f"{prefix}local_epochs {self.local_epochs} means {steps} local steps, but {source} records "
+                    f"local_steps {recorded['local_steps']}: drop the option"
+                )
+            effective["local_steps"] = steps  # what local_epochs means for this batch
+        for name, value in recorded.items():
+            if _same_option(effective[name], value):
+                continue
+            if not adopt or not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
+                what = f" (a {update.kind!r} update)" if name in ("protocol", "send") else ""
+                raise InputError(
+                    f"{prefix}{name} {mine[name]!r} contradicts {source}, which records {name} {value!r}{what}: "
+                    f"drop the option or set it to {value!r}"
+                )
+            adopted[name] = value
+        return self if adopted == mine else Client(**adopted)
 
     def update(self, victim: nn.Module, images: Tensor, labels: Tensor) -> Update:
         """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,)."""
@@ -162,6 +231,8 @@ class Client:
                 "protocol": self.protocol,
                 "local_lr": self.local_lr,
                 "local_steps": self.steps_for(len(images)),
+                "local_batch_size": self.local_batch_size,
+                "train_mode": self.train_mode,
             },
         )
 
@@ -245,6 +316,83 @@ class Client:
             current = {n: params[n] + change[n] for n in names}
         out = change if self.send == "delta" else current
         return [out[names[i]] for i in wanted]
+
+
+_CLIENT_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(Client.__init__).parameters.items() if name != "self"
+}
+
+
+def _same_option(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def recorded_options(update: Update) -> dict:
+    """The :class:`Client` options an update records about how it was made (see :meth:`Client.matching`).
+
+    An update read from a file lists in ``meta["recorded"]`` what the file itself said (``kind``,
+    ``num_clients``); any other update is taken at its word.
+    """
+    recorded = update.meta.get("recorded", ("kind", "num_clients"))
+    options: dict = {}
+    if "kind" in recorded:
+        options["protocol"] = "fedsgd" if update.kind == "gradient" else "fedavg"
+        if update.kind != "gradient":
+            options["send"] = update.kind
+    if "num_clients" in recorded:
+        options["num_clients"] = int(update.num_clients)
+    meta = update.meta
+    if isinstance(meta.get("train_mode"), bool):
+        options["train_mode"] = meta["train_mode"]
+    if options.get("protocol") == "fedavg" and meta.get("protocol") == "fedavg":
+        if _whole(meta.get("local_steps")):
+            options["local_steps"] = int(meta["local_steps"])
+        if isinstance(meta.get("local_lr"), (int, float)) and not isinstance(meta["local_lr"], bool):
+            options["local_lr"] = float(meta["local_lr"])
+        if "local_batch_size" in meta and (
+            meta["local_batch_size"] is None or _whole(meta["local_batch_size"])
+        ):
+            options["local_batch_size"] = meta["local_batch_size"]
+    return options
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def update_problem(update: Update, victim: nn.Module | None = None) -> str | None:
+    """Why ``update`` cannot be attacked, or ``None``: NaN or infinite values, no change at all, or labels that
+    are not class indices.
+
+    An all-zero gradient (or a FedAvg update that changes no weight) carries no information about the images:
+    every reconstruction would be noise. ``weights`` are compared with the ``victim``'s parameters when given.
+    """
+    for name, tensor in zip(update.names, update.tensors, strict=False):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    changes = update.tensors
+    if update.kind == "weights":
+        params = list(victim.parameters()) if victim is not None else []
+        if len(params) != len(changes) or any(
+            p.shape != t.shape for p, t in zip(params, changes, strict=False)
+        ):
+            changes = []  # nothing to compare with
+        else:
+            changes = [t - p.detach().to(t) for t, p in zip(changes, params, strict=True)]
+    if changes and not any(bool(t.any()) for t in changes):
+        what = "new weight equals the victim's" if update.kind == "weights" else "tensor is zero"
+        return f"every {what}: the update carries no information about the images"
+    labels = update.labels
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            return f"labels must be a 1-d tensor of class indices, got {labels!r}"
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            return f"labels must be whole class indices, got {labels.tolist()}"
+        if bool((labels < 0).any()):
+            return f"labels must be class indices >= 0, got {labels.tolist()}"
+    return None
 
 
 def _has_batchnorm(victim: nn.Module) -> bool:

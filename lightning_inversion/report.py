@@ -316,7 +316,7 @@ class InversionReport(pl.Callback):
             save_comparison(folder / "reconstruction.png", result.images, self.truth)
         if self.history["step"] or self.history["psnr"]:
             plot_progress(folder / "progress.png", self.history)
-        (folder / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        (folder / "metrics.json").write_text(metrics_json(self.metrics))
         self.directory = folder
 
     def _summarize(self, result: Reconstruction, folder: Path | None) -> None:
@@ -353,6 +353,27 @@ def save_last_checkpoint(trainer: pl.Trainer) -> list[Path]:
                 trainer.save_checkpoint(path, weights_only=False)  # the whole run, not the weights alone
                 paths.append(path)
     return paths
+
+
+def metrics_json(metrics: dict | None) -> str:
+    """``metrics`` as strict JSON: a NaN or infinite number is written as ``null`` and listed, with its value, under
+    ``"not_finite"`` (e.g. a restart that diverged or never ran scores ``inf``; identical images have PSNR ``inf``)."""
+    not_finite: dict[str, str] = {}
+
+    def clean(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            not_finite[where] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(metrics, "")
+    if not_finite and isinstance(cleaned, dict):
+        cleaned["not_finite"] = not_finite
+    return json.dumps(cleaned, indent=2, allow_nan=False)
 
 
 def _empty_history() -> dict[str, list]:

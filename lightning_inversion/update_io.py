@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_inversion.client import Update
+from lightning_inversion.client import Update, update_problem
+from lightning_inversion.errors import InputError
 
 KINDS = ("gradient", "delta", "weights")
 RESERVED = "__"  # safetensors keys with this prefix are not parameters
@@ -29,7 +30,7 @@ FORMAT = "lightning_inversion.update/1"
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "victim.")
 
 
-class UpdateFileError(ValueError):
+class UpdateFileError(InputError):
     """An update file that is missing, unsafe, malformed, or does not fit the victim."""
 
 
@@ -198,10 +199,16 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
         victim: if given, every victim parameter must be present (a common ``module.``/``model.`` prefix on the
             file's keys is tolerated), no extra tensor may be, every shape must match, and the tensors are
             returned in the victim's parameter order.
-        kind: ``gradient``, ``delta`` or ``weights``; overrides the file's kind (default ``gradient``).
+        kind: ``gradient``, ``delta`` or ``weights``: what the update is when the file does not say (default
+            ``gradient``). A file that records another kind is refused.
+
+    The returned update's ``meta["recorded"]`` lists what the file itself recorded among ``kind`` and
+    ``num_clients`` (see :meth:`~lightning_inversion.client.Client.matching`).
 
     Raises:
-        UpdateFileError: a missing, unsafe or malformed file, or one that does not fit ``victim``.
+        UpdateFileError: a missing, unsafe or malformed file, one that does not fit ``victim``, one that holds NaN
+            or infinite values, no change at all, or labels that are not class indices, or one whose recorded
+            kind contradicts ``kind``.
     """
     path = Path(path)
     if kind is not None and kind not in KINDS:
@@ -211,6 +218,7 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
     obj, metadata = _read(path)
 
     labels, num_images, num_clients, meta, file_kind = None, None, 1, {}, None
+    recorded: list[str] = []
     names: list[str] | None
     if isinstance(obj, Mapping) and "tensors" in obj:  # save_update / Update.state_dict
         raw = obj["tensors"]
@@ -228,6 +236,7 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
         _check_tensors(list(zip(names or [str(i) for i in range(len(tensors))], tensors, strict=True)), path)
         labels, file_kind = obj.get("labels"), obj.get("kind")
         num_images, num_clients = obj.get("num_images"), obj.get("num_clients") or 1
+        recorded += ["num_clients"] if obj.get("num_clients") is not None else []
         meta = obj.get("meta") or {}
     elif isinstance(obj, Mapping):  # name -> tensor (a safetensors file, or a plain state dict)
         items = [(str(k), v) for k, v in obj.items() if not str(k).startswith(RESERVED)]
@@ -245,6 +254,7 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
             items = [(n, by_name[n]) for n in order]  # the parameter order save_update recorded
         names, tensors = [n for n, _ in items], [t for _, t in items]
         file_kind = metadata.get("kind")
+        recorded += ["num_clients"] if "num_clients" in metadata else []
     elif isinstance(obj, (list, tuple)):
         tensors, names = list(obj), None
         _check_tensors([(str(i), t) for i, t in enumerate(tensors)], path)
@@ -258,9 +268,15 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
             raise UpdateFileError(f"{path}: {key} must be a positive integer, got {value!r}")
     if file_kind is not None and file_kind not in KINDS:
         raise UpdateFileError(f"{path}: unknown update kind {file_kind!r} in the file")
+    if file_kind is not None:
+        recorded.append("kind")
+        if kind is not None and kind != file_kind:
+            raise UpdateFileError(f"{path} records a {file_kind!r} update, not the {kind!r} asked for")
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise UpdateFileError(f"{path}: labels must be a tensor, got {type(labels).__name__}")
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise UpdateFileError(f"{path}: labels must be whole class indices, got {labels.tolist()}")
         labels = labels.long()
         num_images = num_images if num_images is not None else labels.shape[0]
 
@@ -268,12 +284,18 @@ def load_update(path: str | Path, victim: nn.Module | None = None, kind: str | N
         names, tensors = _fit_victim(names, tensors, victim, path)
     elif names is None:
         names = [str(i) for i in range(len(tensors))]
-    return Update(
+    meta = dict(meta) if isinstance(meta, Mapping) else {}
+    meta["recorded"] = recorded
+    update = Update(
         tensors,
         names,
-        kind or file_kind or "gradient",
+        file_kind or kind or "gradient",
         labels=labels,
         num_images=num_images,
         num_clients=int(num_clients),
-        meta=dict(meta) if isinstance(meta, Mapping) else {},
+        meta=meta,
     )
+    problem = update_problem(update, victim)
+    if problem is not None:
+        raise UpdateFileError(f"{path}: {problem}")
+    return update

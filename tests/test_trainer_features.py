@@ -246,7 +246,7 @@ def test_same_seed_and_config_give_the_same_images(tiny_victim, cat16):
 def test_bf16_mixed_with_several_restarts_and_batchnorm(cat16, train_mode):
     # Eval mode: batch norm written out as an affine map, restarts under vmap. Training mode: the fused op, which
     # vmap rejects in CPU bf16, so restarts run one after another.
-    victim = li.build_victim("ResNet20", 10, (3, 16, 16)).eval()
+    victim = li.build_victim("ResNet20", 10, (3, 16, 16)).train(train_mode)  # the client's mode
     result = run_api(
         victim,
         cat16,

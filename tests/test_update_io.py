@@ -51,7 +51,9 @@ def test_round_trip(tmp_path: Path, victim: nn.Module, update: Update, suffix: s
         assert_same(loaded, update)
         assert loaded.kind == "delta"
         assert loaded.meta["local_steps"] == 2
-    assert load_update(path, kind="weights").kind == "weights"
+    assert load_update(path, kind="delta").kind == "delta"
+    with pytest.raises(UpdateFileError, match="records a 'delta' update, not the 'weights'"):
+        load_update(path, kind="weights")  # the file's own description wins; a contradiction is refused
 
 
 def test_list_of_tensors_pt(tmp_path: Path, victim: nn.Module, update: Update) -> None:

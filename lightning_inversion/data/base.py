@@ -6,12 +6,21 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from ..errors import InputError
 
 
 class MissingDataError(RuntimeError):
     """Data or weights that are not on this machine and cannot be fetched; the message says how to provide them."""
+
+
+def check_whole(name: str, value, low: int) -> None:
+    """Refuse ``value`` unless it is a whole number >= ``low`` (the parser's types say the same)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
 class VisionData(pl.LightningDataModule):
@@ -41,22 +50,44 @@ class VisionData(pl.LightningDataModule):
     def __init__(
         self,
         root: str = "data",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        target_indices: list[int] | None = None,
-        num_images: int = 1,
-        start_index: int = 0,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 0,
+        target_indices: list[NonNegativeInt] | None = None,
+        num_images: PositiveInt = 1,
+        start_index: NonNegativeInt = 0,
         distinct_labels: bool = False,
     ) -> None:
         super().__init__()
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("num_images", num_images, 1),
+            ("start_index", start_index, 0),
+            *(("target_indices", i, 0) for i in target_indices or ()),
+        ):
+            check_whole(name, value, low)
+        if target_indices:  # they choose the images: options that choose them otherwise must not disagree
+            ignored = [
+                f"{name} {value}"
+                for name, value, unset in (
+                    ("num_images", num_images, num_images in (1, len(target_indices))),
+                    ("start_index", start_index, start_index == 0),
+                    ("distinct_labels", distinct_labels, not distinct_labels),
+                )
+                if not unset
+            ]
+            if ignored:
+                raise InputError(
+                    f"target_indices {list(target_indices)} choose the {len(target_indices)} target images, so "
+                    f"{' and '.join(ignored)} would be ignored: give target_indices or those options, not both"
+                )
         self.root = root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.target_indices = target_indices
-        self.num_images = num_images
-        self.start_index = start_index
+        # Plain ints, not the parser's PositiveInt: whatever is saved from them loads with weights_only=True.
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.target_indices = None if target_indices is None else [int(i) for i in target_indices]
+        self.num_images = int(num_images)
+        self.start_index = int(start_index)
         self.distinct_labels = distinct_labels
         self._splits: dict[str, Dataset] = {}
 
@@ -91,12 +122,15 @@ class VisionData(pl.LightningDataModule):
         if self.target_indices:
             bad = [i for i in self.target_indices if not 0 <= i < n]
             if bad:
-                raise ValueError(f"target indices {bad} are out of range for a split of {n} images")
+                raise InputError(
+                    f"target_indices {bad} are out of range: the target split has {n} images (0 to {n - 1})"
+                )
             return list(self.target_indices)
         if not self.distinct_labels:
             if self.start_index + self.num_images > n:
-                raise ValueError(
-                    f"{self.num_images} targets from index {self.start_index} exceed the split's {n} images"
+                raise InputError(
+                    f"num_images {self.num_images} from start_index {self.start_index} exceed the target split's "
+                    f"{n} images"
                 )
             return list(range(self.start_index, self.start_index + self.num_images))
         # Read labels from the dataset's label list when it has one, so the scan decodes no images.
@@ -109,7 +143,10 @@ class VisionData(pl.LightningDataModule):
                 chosen.append(i)
                 if len(chosen) == self.num_images:
                     return chosen
-        raise ValueError(f"fewer than {self.num_images} distinct labels from index {self.start_index}")
+        raise InputError(
+            f"distinct_labels: fewer than num_images={self.num_images} distinct labels from start_index "
+            f"{self.start_index}"
+        )
 
     def attack_targets(self) -> tuple[Tensor, Tensor]:
         """The client's private batch: normalised images ``(B, C, H, W)`` and labels ``(B,)``."""

@@ -6,14 +6,16 @@ import logging
 import os
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import InputError
 from ..images import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .base import MissingDataError, VisionData
+from .base import MissingDataError, VisionData, check_whole
 from .photos import center_square
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def load_rgb(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise InputError(f"cannot read image {path}: {err}") from None
 
 
 def read_image(path: str) -> Tensor:
@@ -60,7 +62,7 @@ def scan_folder(root: str) -> tuple[list[str], list[int] | None, list[str] | Non
                     class_paths.append(os.path.join(folder, file_name))
                     class_labels.append(label)
     if flat and class_paths:
-        raise ValueError(
+        raise InputError(
             f"{root} holds both images and class sub-folders with images; use either a flat folder of images "
             "or one sub-folder per class"
         )
@@ -132,9 +134,9 @@ class ImageFolderData(VisionData):
         self,
         root: str | None = None,
         files: list[str] | None = None,
-        image_size: int = 32,
-        labels: list[int] | None = None,
-        num_classes: int | None = None,
+        image_size: PositiveInt = 32,
+        labels: list[NonNegativeInt] | None = None,
+        num_classes: PositiveInt | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         **kwargs,
@@ -149,36 +151,43 @@ class ImageFolderData(VisionData):
         elif root:
             self.paths, folder_labels, self.classes = scan_folder(root)
         else:
-            raise ValueError(
+            raise InputError(
                 "ImageFolderData needs a folder of images (root) or a list of image files (files)"
             )
 
         if folder_labels is not None:
             if labels is not None:
-                raise ValueError(f"{root} has class sub-folders, which set the labels; drop `labels`")
+                raise InputError(f"{root} has class sub-folders, which set the labels; drop `labels`")
             self.image_labels = folder_labels
             inferred = len(self.classes)
         elif labels is not None:
             if len(labels) != len(self.paths):
-                raise ValueError(f"got {len(labels)} labels for {len(self.paths)} images")
+                raise InputError(f"got {len(labels)} labels for {len(self.paths)} images: give one per image")
+            for y in labels:
+                check_whole("labels", y, 0)
             self.image_labels = [int(y) for y in labels]
             inferred = max(self.image_labels) + 1
         else:
             self.image_labels = [0] * len(self.paths)
             inferred = 10
-        self.num_classes = num_classes if num_classes is not None else inferred
+        if num_classes is not None:
+            check_whole("num_classes", num_classes, 1)
+        self.num_classes = int(num_classes) if num_classes is not None else inferred
         bad = sorted({y for y in self.image_labels if not 0 <= y < self.num_classes})
         if bad:
-            raise ValueError(f"labels {bad} are out of range for num_classes={self.num_classes}")
+            raise InputError(
+                f"labels {bad} are out of range for num_classes={self.num_classes} (0 to {self.num_classes - 1})"
+            )
         if self.num_classes < 2:
             log.warning(
                 "num_classes=%d: a one-class victim has zero cross-entropy gradients", self.num_classes
             )
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std need one value per colour channel (3)")
+            raise InputError("mean and std need one value per colour channel (3)")
+        check_whole("image_size", image_size, 1)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.image_size = image_size
-        self.image_shape = (3, image_size, image_size)
+        self.image_size = int(image_size)
+        self.image_shape = (3, self.image_size, self.image_size)
 
     def train_set(self) -> Dataset:
         return self._cached(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import is_image_file
 from torchvision.transforms import v2
 
 from ..images import IMAGENET_MEAN, IMAGENET_STD
-from .base import MissingDataError, VisionData
+from .base import MissingDataError, VisionData, check_whole
 from .folder import load_rgb
 from .torchvision_sets import to_normalized_tensor
 
@@ -60,10 +61,11 @@ class ImageNetData(VisionData):
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
-    def __init__(self, root: str = "data/imagenet", image_size: int = 224, **kwargs) -> None:
+    def __init__(self, root: str = "data/imagenet", image_size: PositiveInt = 224, **kwargs) -> None:
         super().__init__(root=root, **kwargs)
-        self.image_size = image_size
-        self.image_shape = (3, image_size, image_size)
+        check_whole("image_size", image_size, 1)
+        self.image_size = int(image_size)
+        self.image_shape = (3, self.image_size, self.image_size)
 
     @property
     def classes(self) -> list[str]:

@@ -9,11 +9,13 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from ..images import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .base import VisionData
+from .base import VisionData, check_whole
 
 # Colour photos scikit-image loads without the network (REFERENCE §9).
 PhotoName = Literal[
@@ -44,7 +46,7 @@ def _photo_array(name: str) -> np.ndarray:
 def load_photo(name: str) -> Tensor:
     """One of scikit-image's shipped photos as a float tensor ``(3, H, W)`` in [0, 1]."""
     if name not in PHOTO_NAMES:
-        raise ValueError(f"unknown photo {name!r}; the offline photos are {', '.join(PHOTO_NAMES)}")
+        raise InputError(f"unknown photo {name!r}; the offline photos are {', '.join(PHOTO_NAMES)}")
     return torch.tensor(_photo_array(name)).permute(2, 0, 1).float() / 255
 
 
@@ -170,31 +172,33 @@ class PhotoData(VisionData):
 
     def __init__(
         self,
-        image_size: int = 32,
+        image_size: PositiveInt = 32,
         photos: list[PhotoName] | None = None,
-        train_size: int = 20000,
-        val_size: int = 2000,
+        train_size: PositiveInt = 20000,
+        val_size: PositiveInt = 2000,
         crop_scale: tuple[float, float] = (0.1, 0.4),
         val_fraction: float = 0.25,
-        seed: int = 0,
+        seed: NonNegativeInt = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.photos = tuple(photos) if photos else PHOTO_NAMES
         unknown = [p for p in self.photos if p not in PHOTO_NAMES]
         if unknown:
-            raise ValueError(f"unknown photos {unknown}; choose from {', '.join(PHOTO_NAMES)}")
+            raise InputError(f"unknown photos {unknown}; choose from {', '.join(PHOTO_NAMES)}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+            raise InputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.image_size = image_size
+            raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        for name, value, low in (("image_size", image_size, 1), ("train_size", train_size, 1)):
+            check_whole(name, value, low)
+        check_whole("val_size", val_size, 1)
+        check_whole("seed", seed, 0)
+        self.image_size = int(image_size)
         self.num_classes = len(self.photos)
-        self.image_shape = (3, image_size, image_size)
-        self.train_size, self.val_size = train_size, val_size
-        self.crop_scale, self.val_fraction, self.seed = tuple(crop_scale), val_fraction, seed
+        self.image_shape = (3, self.image_size, self.image_size)
+        self.train_size, self.val_size = int(train_size), int(val_size)
+        self.crop_scale, self.val_fraction, self.seed = tuple(crop_scale), float(val_fraction), int(seed)
 
     def _crops(self, length: int, band: tuple[float, float], seed: int) -> PhotoCrops:
         # Short side >= 4 image sides keeps the smallest crops sharp without resizing full-size photos per item.
