@@ -63,7 +63,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
 Init = Literal["randn", "rand", "zeros", "analytic"]
-OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+# Called as ``optimizer(params, lr)``: the learning rate is the module's ``lr``, never an option of the optimiser.
+OptimizerFactory = Callable[[Iterable[Tensor], float], Optimizer]
 
 # Trainer precisions that would hold the dummy images and the objective in half precision (REFERENCE §9).
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
@@ -134,8 +135,9 @@ class GradientInversion(pl.LightningModule):
             single optimisation step (run with ``trainer.max_steps 0``); otherwise the layer's input features are
             recovered (``analytic_features``, measured by the report) and the images start from ``randn``.
         optimizer: the optimiser class (or callable) over the dummy images (and soft labels) only, e.g.
-            ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``.
-        lr: the optimiser's learning rate (passed to ``optimizer`` as ``lr``).
+            ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``; its options other than the
+            learning rate go in ``init_args`` (e.g. ``momentum``).
+        lr: the optimiser's learning rate, the only one (``optimizer`` is called as ``optimizer(params, lr)``).
         lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of ``trainer.max_steps``.
         median_filter_every: apply a 3×3 median filter to the dummy images every this many steps (0: never).
         label_strategy: ``given`` (labels shared with the update), ``idlg`` (recovered from the last layer, one
@@ -520,7 +522,7 @@ class GradientInversion(pl.LightningModule):
                 self.dummy_images.copy_(project_box(self.dummy_images, *self._box))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self._optimized(), lr=self.lr)
+        optimizer = self.optimizer_factory(self._optimized(), self.lr)
         if self.signed and isinstance(optimizer, torch.optim.LBFGS):
             log.warning("signed gradients with L-BFGS break its line search; consider signed=False")
         if not self.lr_decay:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
+from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -37,6 +42,115 @@ ATTACK_CALLBACKS: list[dict] = [
 ]
 
 
+# Trainer options these scripts hardly need: accepted, named once in the usage note, not documented in --help.
+UNLISTED_TRAINER_OPTIONS = (
+    "accumulate_grad_batches",
+    "barebones",
+    "detect_anomaly",
+    "enable_autolog_hparams",
+    "gradient_clip_algorithm",
+    "gradient_clip_val",
+    "inference_mode",
+    "limit_predict_batches",
+    "limit_test_batches",
+    "model_registry",
+    "overfit_batches",
+    "plugins",
+    "profiler",
+    "reload_dataloaders_every_n_epochs",
+    "sync_batchnorm",
+    "use_distributed_sampler",
+)
+# The sections whose options are documented in full by ``--help``; the Trainer's show one sentence each.
+OWN_SECTIONS = ("model", "data", "client", "report", "update")
+
+
+class CompactHelpFormatter(DefaultHelpFormatter):
+    """``--help`` that fits on a few screens: a one-line usage, one sentence per Trainer option, and no lists of
+    every known subclass (``--OPTION.help CLASS`` shows the options of one class)."""
+
+    def _format_usage(self, usage, actions, groups, prefix) -> str:
+        positionals = [a for a in actions if not a.option_strings]
+        if prefix == "":  # argparse asking for the prefix of the subcommands' prog: as it is
+            return super()._format_usage(usage, positionals, groups, prefix)
+        text = super()._format_usage(usage, positionals, groups, prefix)
+        notes = ["Options that take a class show that class's own options with --OPTION.help CLASS_PATH."]
+        if any(a.dest.startswith("trainer.") for a in actions):
+            notes.append(
+                "Not listed below but accepted (see Lightning's Trainer documentation): --trainer.NAME for NAME "
+                + ", ".join(UNLISTED_TRAINER_OPTIONS)
+                + "."
+            )
+        usage = text.replace(self._prog, f"{self._prog} [options]", 1).rstrip("\n")
+        return "\n".join([usage, *(textwrap.fill(n, self._width) for n in notes)]) + "\n\n"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if getattr(action, "_jsonargparse_preexpanded_help", False) or not action.option_strings:
+            return super()._get_help_string(action)
+        text = action.help or ""
+        ours = action.dest.split(".", 1)[0] in OWN_SECTIONS
+        if not ours:  # Lightning's own, long documentation: its first sentence
+            text = _first_sentence(text)
+        details = []
+        type_text = self._get_type_str(action)
+        if ours and type_text and not type_text.startswith(("Literal[", "bool")):  # choices show in the name
+            details.append("type: %(type)s")
+        if action.default not in (argparse.SUPPRESS, None):
+            long = len(str(action.default)) > 40  # e.g. the attack's callbacks: --print_config shows them
+            details.append("default: see --print_config" if long else "default: %(default)s")
+        return text + (f" ({', '.join(details)})" if details else "")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        kind = type(action).__name__
+        if kind == "_ActionHelpClassPath" or action.dest.removeprefix("trainer.") in UNLISTED_TRAINER_OPTIONS:
+            return ""  # said once, in the usage
+        if kind == "ActionLink":  # the link itself says it all: one line
+            return " " * self._current_indent + self._format_action_invocation(action) + "\n"
+        return super()._format_action(action)
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    match = re.search(r"(?<=[a-z0-9`)]\.)\s+(?=[A-Z`(])", text)
+    return text[: match.start()] if match else text
+
+
+class InversionArgumentParser(LightningArgumentParser):
+    """The parser of both scripts: no abbreviated options, short help, and one-line errors.
+
+    An unknown or abbreviated option is refused with the nearest valid name (``difflib``), in one message,
+    exit status 2.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", CompactHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        help_command = parser.prog.replace(" [options]", "") + " --help"
+        sys.stderr.write(f"error: {_explain(parser, message)} (all options: {help_command})\n")
+        self.exit(2)
+
+
+def _explain(parser: argparse.ArgumentParser, message: str) -> str:
+    """The parser's message on one line; for an unknown option with the nearest valid name (``difflib``)."""
+    message = " ".join(str(message).split())
+    if re.search(r"Parser key \"model\.optimizer\".* Option 'lr' is not accepted", message):
+        return "model.optimizer takes no lr: the optimiser's learning rate is --model.lr"
+    match = re.search(r"unrecognized arguments: (--[\w.\-]+)", message)
+    if match:
+        unknown = match.group(1).split("=", 1)[0]
+        known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
+        if close:
+            return f"{message}; did you mean {close[0]}?"
+    return message
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from .update_io import UpdateFileError
     from .victims import MissingWeightsError
@@ -61,10 +175,12 @@ class InversionCLI(LightningCLI):
         self.attack = issubclass(model_class, GradientInversion)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
+        kwargs.setdefault("parser_class", InversionArgumentParser)
         super().__init__(model_class, VisionData, *args, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
+        _describe_victims(parser)
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments("data", f"model.{key}", compute_fn=_attribute(key), apply_on="instantiate")
         if self.attack:
@@ -167,6 +283,21 @@ class InversionCLI(LightningCLI):
                 )
                 return
         report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
+
+
+def _describe_victims(parser: LightningArgumentParser) -> None:
+    """``--model.victim``'s help: the registered names, and how to give any other ``nn.Module``."""
+    from .victims import list_victims
+
+    action = next((a for a in parser._actions if a.dest == "model.victim"), None)
+    if action is None:
+        return
+    action.help = (
+        "the shared model: a registered name, "
+        + ", ".join(list_victims())
+        + " (ConvNet-{width} and ResNet{depth}-{width} take other numbers too); or any nn.Module as a class "
+        'path, e.g. \'{"class_path": "torchvision.models.AlexNet", "init_args": {"num_classes": 10}}\'.'
+    )
 
 
 def read_target_update(path: str | os.PathLike) -> Update:
