@@ -32,7 +32,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,10 +58,7 @@ from .objectives import (
 
 log = logging.getLogger(__name__)
 
-# The victim runs in the client's mode (eval by default) on purpose: Lightning's warning about it is noise here.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-
-LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
+LabelStrategy = Literal["auto", "given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
 Init = Literal["randn", "rand", "zeros", "analytic"]
 # Called as ``optimizer(params, lr)``: the learning rate is the module's ``lr``, never an option of the optimiser.
@@ -68,6 +66,27 @@ OptimizerFactory = Callable[[Iterable[Tensor], float], Optimizer]
 
 # Trainer precisions that would hold the dummy images and the objective in half precision (REFERENCE §9).
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
+
+
+# Lightning's remarks that do not apply to the attack, each with the reason; silenced while it runs.
+LIGHTNING_NOTICES = {
+    r"Found \d+ module\(s\) in eval mode": "the victim runs in the client's mode (eval by default) on purpose",
+    r"You're resuming from a checkpoint that ended before the epoch ended": "the step ticks hold no state: "
+    "a resumed attack ends with the same images as an uninterrupted one",
+    r"The number of training batches .* is smaller than the logging interval": "the last step is always logged",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated": "Lightning's own use of a torch API",
+    r"Starting from v1.9.0, `tensorboardX` has been removed": "the CSV logger is used without TensorBoard",
+    r"The dirpath has changed from": "a resumed run writes into a folder of its own; the attack monitors nothing",
+}
+
+
+@contextmanager
+def lightning_notices_silenced() -> Iterator[None]:
+    """Run a Trainer without :data:`LIGHTNING_NOTICES`; every other warning still shows."""
+    with warnings.catch_warnings():
+        for message in LIGHTNING_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 class TargetMismatchError(ValueError):
@@ -142,7 +161,8 @@ class GradientInversion(pl.LightningModule):
         median_filter_every: apply a 3×3 median filter to the dummy images every this many steps (0: never).
         label_strategy: ``given`` (labels shared with the update), ``idlg`` (recovered from the last layer, one
             image), ``batch`` (label counts recovered from the last layer, any B), ``dlg`` (soft labels optimised
-            jointly with the images, one per image and restart).
+            jointly with the images, one per image and restart); ``auto``: ``given`` when the update carries
+            labels, else ``idlg`` for one image and ``batch`` for several.
         restart_selection: how the final images are chosen without ground truth: the restart with the lowest
             ``matching`` cost (without TV) or the lowest ``tv``; or the per-pixel ``mean``/``median`` over valid
             restarts. A restart whose score is NaN, or that never ran, never wins.
@@ -179,7 +199,7 @@ class GradientInversion(pl.LightningModule):
         lr: float = 0.1,
         lr_decay: bool = True,
         median_filter_every: int = 0,
-        label_strategy: LabelStrategy = "given",
+        label_strategy: LabelStrategy = "auto",
         restart_selection: RestartSelection = "matching",
         client: Client | None = None,
         pretrained: bool = False,
@@ -327,10 +347,20 @@ class GradientInversion(pl.LightningModule):
         if labels is not None:
             self.target_labels.copy_(labels.to(self.target_labels.device))
 
+    @property
+    def labels_from(self) -> str:
+        """The label strategy in use: ``label_strategy``, with ``auto`` resolved against the target update."""
+        if self.label_strategy != "auto":
+            return self.label_strategy
+        if self.update is not None and self.update.labels is not None:
+            return "given"
+        return "idlg" if self.num_images == 1 else "batch"
+
     def _labels_for(self, update: Update) -> Tensor | None:
-        if self.label_strategy == "dlg":
+        strategy = self.labels_from
+        if strategy == "dlg":
             return None
-        if self.label_strategy == "given":
+        if strategy == "given":
             if update.labels is None:
                 raise TargetMismatchError(
                     "the labels are not known: pass them with the update, or choose label_strategy "
@@ -342,7 +372,7 @@ class GradientInversion(pl.LightningModule):
                 )
             return update.labels.long()
         weight, bias = self._last_linear_gradients(update)
-        if self.label_strategy == "idlg":
+        if strategy == "idlg":
             if self.num_images != 1:
                 raise TargetMismatchError(
                     "iDLG recovers the label of one image; use label_strategy 'batch' for B > 1"
@@ -661,6 +691,7 @@ class GradientInversion(pl.LightningModule):
             "scores": [float(s) for s in scores.cpu()],
             "chosen_restart": chosen,
             "restart_selection": self.restart_selection,
+            "labels_from": self.labels_from,
             "restart_steps": [int(s) for s in steps.cpu()],
             "steps": int(steps.max()) if len(steps) else 0,
             "seconds": round(self._seconds, 3),

@@ -17,7 +17,7 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from .attack import GradientInversion, TargetMismatchError
+from .attack import GradientInversion, TargetMismatchError, lightning_notices_silenced
 from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .images import denormalize
@@ -151,6 +151,19 @@ def _explain(parser: argparse.ArgumentParser, message: str) -> str:
     return message
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisements ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _drop_lightning_tips() -> None:
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in logger.filters):
+        logger.addFilter(_NoTips())
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from .update_io import UpdateFileError
     from .victims import MissingWeightsError
@@ -176,6 +189,7 @@ class InversionCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
         kwargs.setdefault("parser_class", InversionArgumentParser)
+        _drop_lightning_tips()
         super().__init__(model_class, VisionData, *args, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -199,7 +213,19 @@ class InversionCLI(LightningCLI):
                 "The data then only sets image shape, classes and normalisation; the client options say what "
                 "the update is (gradient, or FedAvg delta/weights).",
             )
-            parser.set_defaults({"trainer.max_steps": 4800, "trainer.callbacks": ATTACK_CALLBACKS})
+            parser.set_defaults(
+                {
+                    "trainer.max_steps": 4800,
+                    "trainer.callbacks": ATTACK_CALLBACKS,
+                    "trainer.enable_model_summary": False,  # the victim's layers, not what the attack optimises
+                }
+            )
+
+    def instantiate_trainer(self, **kwargs):
+        with (
+            lightning_notices_silenced()
+        ):  # e.g. the note on the CSV logger where TensorBoard is not installed
+            return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         if not self.attack or self.subcommand is None:
@@ -241,9 +267,13 @@ class InversionCLI(LightningCLI):
             self._ground_truth_if_available(model, datamodule, client, report)
         else:
             images, labels = datamodule.attack_targets()  # the client's private batch, normalised
-            model.set_target(client.update(model.victim, images, labels))
+            update = client.update(model.victim, images, labels)
+            if not datamodule.labels_known:  # images without labels: the server is not told the client's
+                update.labels = None
+            model.set_target(update)
             report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
-        self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+        with lightning_notices_silenced():
+            self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
 
     def last_checkpoint(self) -> str | None:
         """The newest ``last*.ckpt`` of earlier runs, or ``None``.

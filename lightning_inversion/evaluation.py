@@ -34,7 +34,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
-from .attack import GradientInversion
+from .attack import GradientInversion, lightning_notices_silenced
 from .client import Client
 from .data import VisionData
 from .images import denormalize
@@ -249,12 +249,13 @@ def _attack_one(
 
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
-    """Keep Lightning's per-fit banners (accelerator, tips) out of a loop over many targets."""
+    """Keep Lightning's per-fit banners (accelerator, tips) and notices out of a loop over many targets."""
     logger = logging.getLogger("pytorch_lightning")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with lightning_notices_silenced():
+            yield
     finally:
         logger.setLevel(level)
 

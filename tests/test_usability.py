@@ -74,3 +74,50 @@ def test_the_learning_rate_is_model_lr_and_config_shows_one(tmp_path):
     config = (Path(cli.trainer.log_dir) / "config.yaml").read_text()
     assert len(re.findall(r"^\s*lr:", config, re.MULTILINE)) == 1
     assert re.search(r"^  lr: 0\.5$", config, re.MULTILINE)
+
+
+@pytest.fixture
+def three_photos(tmp_path) -> Path:
+    """A flat folder of three photos shipped with scikit-image, as a user's own pictures."""
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path / "my_photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+def test_readme_folder_example_attacks_every_image(three_photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(three_photos.parent)
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("python invert.py fit --data lightning_inversion.data.ImageFolderData", 1)[1]
+    command = command.split("```", 1)[0].replace("\\\n", " ")
+    args = ["fit", "--data", "lightning_inversion.data.ImageFolderData", *command.split()]
+    cli = main(
+        [*args, "--trainer.max_steps=2", "--report.lpips=false", f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert cli.model.dummy_images.shape == (1, 3, 3, 32, 32)  # (R, B, C, H, W): all three photos
+    assert cli.model.labels_from == "batch"  # no labels in a flat folder: recovered from the update
+    assert len(cli.model.reconstruction.labels) == 3
+
+
+def test_class_folders_give_the_labels(three_photos, tmp_path):
+    for i, photo in enumerate(sorted(three_photos.iterdir())):
+        (three_photos / f"class_{i}").mkdir()
+        photo.rename(three_photos / f"class_{i}" / photo.name)
+    cli = main(
+        [
+            "fit",
+            "--data=lightning_inversion.data.ImageFolderData",
+            f"--data.root={three_photos}",
+            "--data.image_size=16",
+            "--model.victim=ConvNet-8",
+            "--trainer.max_steps=1",
+            "--report.lpips=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.model.labels_from == "given"
+    assert cli.model.target_labels.tolist() == [0, 1, 2]

@@ -27,7 +27,8 @@ class VisionData(pl.LightningDataModule):
         num_workers: data-loader worker processes.
         target_indices: the attack targets, as indices into the target split (validation/test). Overrides
             ``num_images`` and ``start_index``.
-        num_images: the number of attack targets B (one client batch).
+        num_images: the number of attack targets B (one client batch); ``None``: the dataset's default (one
+            image; every image of an :class:`~lightning_inversion.data.ImageFolderData`).
         start_index: the first target index when ``target_indices`` is not given.
         distinct_labels: pick ``num_images`` targets with pairwise different labels, scanning from
             ``start_index``.
@@ -37,6 +38,8 @@ class VisionData(pl.LightningDataModule):
     std: tuple[float, ...]
     num_classes: int
     image_shape: tuple[int, int, int]
+    # Whether the attacker is told the labels the client trained with (False: the attack must recover them).
+    labels_known: bool = True
 
     def __init__(
         self,
@@ -44,11 +47,12 @@ class VisionData(pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         target_indices: list[int] | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
         start_index: int = 0,
         distinct_labels: bool = False,
     ) -> None:
         super().__init__()
+        num_images = 1 if num_images is None else num_images
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         self.root = root
