@@ -16,6 +16,7 @@ from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 
 from .attack import GradientInversion, TargetMismatchError, lightning_notices_silenced
 from .client import Client, Update
@@ -194,7 +195,7 @@ class InversionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
-        _describe_victims(parser)
+        _describe_victims(parser, class_paths=self.attack)
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments("data", f"model.{key}", compute_fn=_attribute(key), apply_on="instantiate")
         if self.attack:
@@ -244,6 +245,9 @@ class InversionCLI(LightningCLI):
     def fit(self, model: LightningModule, datamodule: VisionData | None = None, **kwargs) -> None:
         if not self.attack:
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            message = checkpoint_message(self.trainer)
+            if message:
+                rank_zero_info(message)
             return
         config = self.config_init[self.subcommand]
         client: Client = config["client"]
@@ -315,8 +319,8 @@ class InversionCLI(LightningCLI):
         report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
 
 
-def _describe_victims(parser: LightningArgumentParser) -> None:
-    """``--model.victim``'s help: the registered names, and how to give any other ``nn.Module``."""
+def _describe_victims(parser: LightningArgumentParser, class_paths: bool) -> None:
+    """``--model.victim``'s help: the registered names, and (``class_paths``) how to give any ``nn.Module``."""
     from .victims import list_victims
 
     action = next((a for a in parser._actions if a.dest == "model.victim"), None)
@@ -325,9 +329,39 @@ def _describe_victims(parser: LightningArgumentParser) -> None:
     action.help = (
         "the shared model: a registered name, "
         + ", ".join(list_victims())
-        + " (ConvNet-{width} and ResNet{depth}-{width} take other numbers too); or any nn.Module as a class "
-        'path, e.g. \'{"class_path": "torchvision.models.AlexNet", "init_args": {"num_classes": 10}}\'.'
+        + " (ConvNet-{width} and ResNet{depth}-{width} take other numbers too)"
+        + (
+            '; or any nn.Module as a class path, e.g. \'{"class_path": "torchvision.models.AlexNet", '
+            '"init_args": {"num_classes": 10}}\'.'
+            if class_paths
+            else "."
+        )
     )
+
+
+def checkpoint_message(trainer) -> str | None:
+    """Where victim training left its checkpoint, and how the attack takes it (``None`` without a checkpoint)."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    last, best = callback.last_model_path, callback.best_model_path
+    path = last or best
+    if not path:
+        return None
+    lines = [f"Victim checkpoint: {_short(path)}"]
+    if best and last and best != last:
+        lines.append(f"  best by {callback.monitor}: {_short(best)}")
+    lines.append(
+        f"  attack it: python invert.py fit --model.victim_checkpoint {_short(path)}, with the data it was "
+        "trained on"
+    )
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def read_target_update(path: str | os.PathLike) -> Update:
