@@ -47,13 +47,18 @@ ATTACK_CALLBACKS: list[dict] = [
 UNLISTED_TRAINER_OPTIONS = (
     "accumulate_grad_batches",
     "barebones",
+    "benchmark",
     "detect_anomaly",
     "enable_autolog_hparams",
+    "fast_dev_run",
     "gradient_clip_algorithm",
     "gradient_clip_val",
     "inference_mode",
     "limit_predict_batches",
     "limit_test_batches",
+    "limit_train_batches",
+    "min_epochs",
+    "min_steps",
     "model_registry",
     "overfit_batches",
     "plugins",
@@ -75,13 +80,17 @@ class CompactHelpFormatter(DefaultHelpFormatter):
         if prefix == "":  # argparse asking for the prefix of the subcommands' prog: as it is
             return super()._format_usage(usage, positionals, groups, prefix)
         text = super()._format_usage(usage, positionals, groups, prefix)
-        notes = ["Options that take a class show that class's own options with --OPTION.help CLASS_PATH."]
+        notes = ["--OPTION.help CLASS_PATH shows the options of a class an option takes."]
         if any(a.dest.startswith("trainer.") for a in actions):
             notes.append(
-                "Not listed below but accepted (see Lightning's Trainer documentation): --trainer.NAME for NAME "
+                "Accepted but not listed (Lightning's Trainer documentation has them): --trainer.NAME for NAME "
                 + ", ".join(UNLISTED_TRAINER_OPTIONS)
                 + "."
             )
+        parser = _current_parser()
+        links = [a.target[0] for a in getattr(parser, "_actions", []) if type(a).__name__ == "ActionLink"]
+        if links:  # the targets of links are no options: say once where their values come from
+            notes.append(f"Set from other options (linked): {', '.join(links)}.")
         usage = text.replace(self._prog, f"{self._prog} [options]", 1).rstrip("\n")
         return "\n".join([usage, *(textwrap.fill(n, self._width) for n in notes)]) + "\n\n"
 
@@ -94,7 +103,8 @@ class CompactHelpFormatter(DefaultHelpFormatter):
             text = _first_sentence(text)
         details = []
         type_text = self._get_type_str(action)
-        if ours and type_text and not type_text.startswith(("Literal[", "bool")):  # choices show in the name
+        plain = type_text in ("int", "float", "str") and action.default is not None  # the default shows it
+        if ours and type_text and not plain and not type_text.startswith(("Literal[", "bool")):
             details.append("type: %(type)s")
         if action.default not in (argparse.SUPPRESS, None):
             long = len(str(action.default)) > 40  # e.g. the attack's callbacks: --print_config shows them
@@ -105,9 +115,18 @@ class CompactHelpFormatter(DefaultHelpFormatter):
         kind = type(action).__name__
         if kind == "_ActionHelpClassPath" or action.dest.removeprefix("trainer.") in UNLISTED_TRAINER_OPTIONS:
             return ""  # said once, in the usage
-        if kind == "ActionLink":  # the link itself says it all: one line
-            return " " * self._current_indent + self._format_action_invocation(action) + "\n"
+        if kind == "ActionLink":  # said once, in the usage
+            return ""
         return super()._format_action(action)
+
+
+def _current_parser() -> argparse.ArgumentParser | None:
+    """The parser whose help is being formatted (jsonargparse keeps it in a context variable), if known."""
+    try:
+        from jsonargparse._common import parent_parser
+    except ImportError:  # another jsonargparse layout: the help only loses the note on linked options
+        return None
+    return parent_parser.get()
 
 
 def _first_sentence(text: str) -> str:
