@@ -161,14 +161,65 @@ def _explain(parser: argparse.ArgumentParser, message: str) -> str:
     message = " ".join(str(message).split())
     if re.search(r"Parser key \"model\.optimizer\".* Option 'lr' is not accepted", message):
         return "model.optimizer takes no lr: the optimiser's learning rate is --model.lr"
+    parsers = [parser]  # with the subcommands' parsers, for an error the root parser reports
+    for action in parser._actions:
+        if isinstance(getattr(action, "choices", None), dict):
+            parsers += [p for p in action.choices.values() if isinstance(p, argparse.ArgumentParser)]
+    known = list(
+        dict.fromkeys(o for p in parsers for a in p._actions for o in a.option_strings if o[:2] == "--")
+    )
     match = re.search(r"unrecognized arguments: (--[\w.\-]+)", message)
     if match:
-        unknown = match.group(1).split("=", 1)[0]
-        known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-        close = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
-        if close:
-            return f"{message}; did you mean {close[0]}?"
+        return message + _nearest(match.group(1).split("=", 1)[0], known)
+    match = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+    if match:
+        group, name = match.groups()
+        return message + _nearest(f"--{group}.{name}", known)
+    match = re.search(
+        r"Parser key \"([\w.]+)\".*class_path '([\w.]+)': Option '(\w+)' is not accepted", message
+    )
+    if match:
+        key, class_path, name = match.groups()
+        short = class_path.rsplit(".", 1)[-1]
+        return (
+            f"{key} ({short}) takes no option {name!r}"
+            + _nearest(name, _init_arguments(class_path), prefix=f"--{key}.")
+            + f" (its options: --{key}.help {short})"
+        )
+    match = re.search(r"invalid choice: '(\S+)' \(choose from (.*)\)", message)
+    if match:
+        return message + _nearest(match.group(1), re.findall(r"'([^']+)'", match.group(2)))
     return message
+
+
+def _nearest(name: str, candidates: list[str], prefix: str = "") -> str:
+    """``; did you mean X?`` for the closest candidate (``difflib``), or ``''``."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    """The ``__init__`` arguments of a class and of the bases its ``**kwargs`` reach."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [
+            p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
+        ]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 class _NoTips(logging.Filter):

@@ -49,6 +49,19 @@ def test_unknown_option_gets_the_nearest_name_in_one_line(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_typos_in_a_config_a_data_option_and_the_subcommand_get_the_nearest_name(capsys, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  restart: 4\n")
+    cases = [
+        (["fit", "--config", str(config)], "did you mean --model.restarts?"),
+        (["fit", "--data.init_args.roots=x"], "did you mean --data.root?"),
+        (["fti"], "did you mean fit?"),
+    ]
+    for args, hint in cases:
+        code, _, err = _exit([*args, "--print_config"] if args != ["fti"] else args, capsys)
+        assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_optimizer_lr_is_refused_for_model_lr(capsys):
     code, _, err = _exit(["fit", "--config", DEMO, "--model.optimizer.lr", "0.5"], capsys)
     assert code == 2
