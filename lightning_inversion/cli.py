@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
+import inspect
 import logging
 import os
 import re
@@ -113,10 +115,9 @@ class CompactHelpFormatter(DefaultHelpFormatter):
 
     def _format_action(self, action: argparse.Action) -> str:
         kind = type(action).__name__
-        if kind == "_ActionHelpClassPath" or action.dest.removeprefix("trainer.") in UNLISTED_TRAINER_OPTIONS:
+        unlisted = action.dest.removeprefix("trainer.") in UNLISTED_TRAINER_OPTIONS
+        if kind in ("_ActionHelpClassPath", "ActionLink") or unlisted:
             return ""  # said once, in the usage
-        if kind == "ActionLink":  # said once, in the usage
-            return ""
         return super()._format_action(action)
 
 
@@ -200,9 +201,6 @@ def _nearest(name: str, candidates: list[str], prefix: str = "") -> str:
 
 def _init_arguments(class_path: str) -> list[str]:
     """The ``__init__`` arguments of a class and of the bases its ``**kwargs`` reach."""
-    import importlib
-    import inspect
-
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -293,9 +291,8 @@ class InversionCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs):
-        with (
-            lightning_notices_silenced()
-        ):  # e.g. the note on the CSV logger where TensorBoard is not installed
+        # Silences e.g. Lightning's note on the CSV logger where TensorBoard is not installed.
+        with lightning_notices_silenced():
             return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
