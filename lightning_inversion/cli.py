@@ -290,10 +290,10 @@ class InversionCLI(LightningCLI):
                 }
             )
 
-    def instantiate_trainer(self, **kwargs):
+    def instantiate_classes(self) -> None:
         # Silences e.g. Lightning's note on the CSV logger where TensorBoard is not installed.
         with lightning_notices_silenced():
-            return super().instantiate_trainer(**kwargs)
+            super().instantiate_classes()
 
     def before_instantiate_classes(self) -> None:
         if not self.attack or self.subcommand is None:
