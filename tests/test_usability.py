@@ -211,10 +211,15 @@ def test_progress_steps_are_optimiser_steps_with_lbfgs(tmp_path):
     assert max(report.history["psnr_step"]) == 4  # not the 80 objective evaluations of L-BFGS
 
 
-def test_a_run_is_quiet(tmp_path, caplog):
+def test_a_run_is_quiet(tmp_path, caplog, monkeypatch):
     import logging
     import warnings
 
+    from pytorch_lightning.trainer.connectors.logger_connector import logger_connector
+
+    # As where TensorBoard is not installed: Lightning's note about the CSV logger is not shown either.
+    monkeypatch.setattr(logger_connector, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(logger_connector, "_TENSORBOARDX_AVAILABLE", False)
     caplog.set_level(logging.INFO)
     every_2_steps = (
         "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, "
