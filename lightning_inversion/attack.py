@@ -68,12 +68,12 @@ OptimizerFactory = Callable[[Iterable[Tensor], float], Optimizer]
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
 
 
-# Lightning's remarks that do not apply to the attack, each with the reason; silenced while it runs.
+# Lightning's remarks that do not apply here, each with the reason; silenced while the attack (and the CLI) runs.
 LIGHTNING_NOTICES = {
     r"Found \d+ module\(s\) in eval mode": "the victim runs in the client's mode (eval by default) on purpose",
     r"You're resuming from a checkpoint that ended before the epoch ended": "the step ticks hold no state: "
     "a resumed attack ends with the same images as an uninterrupted one",
-    r"The number of training batches .* is smaller than the logging interval": "the last step is always logged",
+    r"The number of training batches .* is smaller than the logging interval": "the attack logs its last step",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated": "Lightning's own use of a torch API",
     r"Starting from v1.9.0, `tensorboardX` has been removed": "the CSV logger is used without TensorBoard",
     r"The dirpath has changed from": "a resumed run writes into a folder of its own; the attack monitors nothing",

@@ -290,10 +290,15 @@ class InversionCLI(LightningCLI):
                 }
             )
 
+    # Lightning's notices that do not apply here (lightning_inversion.attack.LIGHTNING_NOTICES) are silenced while
+    # the classes are built (the CSV logger where TensorBoard is not installed) and while a subcommand runs.
     def instantiate_classes(self) -> None:
-        # Silences e.g. Lightning's note on the CSV logger where TensorBoard is not installed.
         with lightning_notices_silenced():
             super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with lightning_notices_silenced():
+            super()._run_subcommand(subcommand)
 
     def before_instantiate_classes(self) -> None:
         if not self.attack or self.subcommand is None:
@@ -343,8 +348,7 @@ class InversionCLI(LightningCLI):
                 update.labels = None
             model.set_target(update)
             report.set_ground_truth(denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels)
-        with lightning_notices_silenced():
-            self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
+        self.trainer.fit(model, **kwargs)  # the attack sees the update only, not the data
 
     def last_checkpoint(self) -> str | None:
         """The newest ``last*.ckpt`` of earlier runs, or ``None``.
