@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from .attack import GradientInversion, Reconstruction
+from .attack import GradientInversion, Reconstruction, lightning_notices_silenced
 from .client import Client, Update
 from .errors import InputError
 from .report import InversionReport
@@ -208,8 +208,9 @@ def reconstruct(
         )
         settings.update(trainer_kwargs or {})
         settings["callbacks"] = [*settings.get("callbacks", []), report]
-        trainer = pl.Trainer(**settings)
-        trainer.fit(module)
+        with lightning_notices_silenced():
+            trainer = pl.Trainer(**settings)
+            trainer.fit(module)
         result = module.reconstruction
         result.metrics = report.metrics if ground_truth is not None else None
         return result

@@ -44,7 +44,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,16 +72,35 @@ from .objectives import (
 
 log = logging.getLogger(__name__)
 
-# The victim runs in the client's mode (eval by default) on purpose: Lightning's warning about it is noise here.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-
-LabelStrategy = Literal["given", "idlg", "batch", "dlg"]
+LabelStrategy = Literal["auto", "given", "idlg", "batch", "dlg"]
 RestartSelection = Literal["matching", "tv", "mean", "median"]
 Init = Literal["randn", "rand", "zeros", "analytic"]
-OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+# Called as ``optimizer(params, lr)``: the learning rate is the module's ``lr``, never an option of the optimiser.
+OptimizerFactory = Callable[[Iterable[Tensor], float], Optimizer]
 
 # Trainer precisions that would hold the dummy images and the objective in half precision (REFERENCE §9).
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
+
+
+# Lightning's remarks that do not apply here, each with the reason; silenced while the attack (and the CLI) runs.
+LIGHTNING_NOTICES = {
+    r"Found \d+ module\(s\) in eval mode": "the victim runs in the client's mode (eval by default) on purpose",
+    r"You're resuming from a checkpoint that ended before the epoch ended": "the step ticks hold no state: "
+    "a resumed attack ends with the same images as an uninterrupted one",
+    r"The number of training batches .* is smaller than the logging interval": "the attack logs its last step",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated": "Lightning's own use of a torch API",
+    r"Starting from v1.9.0, `tensorboardX` has been removed": "the CSV logger is used without TensorBoard",
+    r"The dirpath has changed from": "a resumed run writes into a folder of its own; the attack monitors nothing",
+}
+
+
+@contextmanager
+def lightning_notices_silenced() -> Iterator[None]:
+    """Run a Trainer without :data:`LIGHTNING_NOTICES`; every other warning still shows."""
+    with warnings.catch_warnings():
+        for message in LIGHTNING_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 class TargetMismatchError(InputError):
@@ -148,13 +168,15 @@ class GradientInversion(pl.LightningModule):
             single optimisation step (run with ``trainer.max_steps 0``); otherwise the layer's input features are
             recovered (``analytic_features``, measured by the report) and the images start from ``randn``.
         optimizer: the optimiser class (or callable) over the dummy images (and soft labels) only, e.g.
-            ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``.
-        lr: the optimiser's learning rate (passed to ``optimizer`` as ``lr``).
+            ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``; its options other than the
+            learning rate go in ``init_args`` (e.g. ``momentum``).
+        lr: the optimiser's learning rate, the only one (``optimizer`` is called as ``optimizer(params, lr)``).
         lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of ``trainer.max_steps``.
         median_filter_every: apply a 3×3 median filter to the dummy images every this many steps (0: never).
         label_strategy: ``given`` (labels shared with the update), ``idlg`` (recovered from the last layer, one
             image), ``batch`` (label counts recovered from the last layer, any B), ``dlg`` (soft labels optimised
-            jointly with the images, one per image and restart).
+            jointly with the images, one per image and restart); ``auto``: ``given`` when the update carries
+            labels, else ``idlg`` for one image and ``batch`` for several.
         restart_selection: how the final images are chosen without ground truth: the restart with the lowest
             ``matching`` cost (without TV) or the lowest ``tv``; or the per-pixel ``mean``/``median`` over valid
             restarts. A restart whose score is NaN, or that never ran, never wins.
@@ -191,7 +213,7 @@ class GradientInversion(pl.LightningModule):
         lr: PositiveFloat = 0.1,
         lr_decay: bool = True,
         median_filter_every: NonNegativeInt = 0,
-        label_strategy: LabelStrategy = "given",
+        label_strategy: LabelStrategy = "auto",
         restart_selection: RestartSelection = "matching",
         client: Client | None = None,
         pretrained: bool = False,
@@ -383,10 +405,20 @@ class GradientInversion(pl.LightningModule):
         if labels is not None:
             self.target_labels.copy_(labels.to(self.target_labels.device))
 
+    @property
+    def labels_from(self) -> str:
+        """The label strategy in use: ``label_strategy``, with ``auto`` resolved against the target update."""
+        if self.label_strategy != "auto":
+            return self.label_strategy
+        if self.update is not None and self.update.labels is not None:
+            return "given"
+        return "idlg" if self.num_images == 1 else "batch"
+
     def _labels_for(self, update: Update) -> Tensor | None:
-        if self.label_strategy == "dlg":
+        strategy = self.labels_from
+        if strategy == "dlg":
             return None
-        if self.label_strategy == "given":
+        if strategy == "given":
             if update.labels is None:
                 raise TargetMismatchError(
                     "the labels are not known: pass them with the update, or choose label_strategy "
@@ -398,7 +430,7 @@ class GradientInversion(pl.LightningModule):
                 )
             return update.labels.long()
         weight, bias = self._label_recovery_input(update)
-        if self.label_strategy == "idlg":
+        if strategy == "idlg":
             if self.num_images != 1:
                 raise TargetMismatchError(
                     "iDLG recovers the label of one image; use label_strategy 'batch' for B > 1"
@@ -599,7 +631,7 @@ class GradientInversion(pl.LightningModule):
                 self.dummy_images.copy_(project_box(self.dummy_images, *self._box))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self._optimized(), lr=self.lr)
+        optimizer = self.optimizer_factory(self._optimized(), self.lr)
         if self.signed and isinstance(optimizer, torch.optim.LBFGS):
             log.warning("signed gradients with L-BFGS break its line search; consider signed=False")
         if not self.lr_decay:
@@ -755,6 +787,7 @@ class GradientInversion(pl.LightningModule):
             "scores": [float(s) for s in scores.cpu()],
             "chosen_restart": chosen,
             "restart_selection": self.restart_selection,
+            "labels_from": self.labels_from,
             "restart_steps": [int(s) for s in steps.cpu()],
             "steps": int(steps.max()) if len(steps) else 0,
             "seconds": round(self._seconds, 3),

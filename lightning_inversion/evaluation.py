@@ -37,15 +37,14 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
 
-from .attack import GradientInversion
+from .attack import GradientInversion, lightning_notices_silenced
 from .cli import StopOnSignal
 from .client import Client
 from .data import VisionData
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
-from .report import InversionReport, OutputFolderError, check_writable, upscale
+from .report import InversionReport, OutputFolderError, check_writable, draw_rows
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +303,13 @@ def _attack_one(
 
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
-    """Keep Lightning's per-fit banners (accelerator, tips) out of a loop over many targets."""
+    """Keep Lightning's per-fit banners (accelerator, tips) and notices out of a loop over many targets."""
     logger = logging.getLogger("pytorch_lightning")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with lightning_notices_silenced():
+            yield
     finally:
         logger.setLevel(level)
 
@@ -353,7 +353,7 @@ def write_evaluation(folder: str | Path, evaluation: Evaluation, description: st
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in evaluation.rows])
     (folder / "evaluation.md").write_text(evaluation_markdown(evaluation, description))
     if len(evaluation.images):
-        save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth)
+        save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth, rows=evaluation.rows)
     torch.save(
         {"images": evaluation.images, "truth": evaluation.truth, "rows": evaluation.rows},
         folder / "evaluation.pt",
@@ -382,17 +382,29 @@ def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def save_pairs(path: str | Path, images: Tensor, truth: Tensor, per_row: int = 8) -> None:
-    """A PNG of up to ``per_row`` targets per band: ground truths above their reconstructions."""
-    images = upscale(torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1))  # a failed (NaN) one shows black
-    truth = upscale(truth.float().clamp(0, 1))
-    columns = min(per_row, len(images))
-    blank = torch.ones_like(images[:1])
-    tiles = []
-    for start in range(0, len(images), columns):
-        pad = [blank] * (columns - len(images[start : start + columns]))
-        tiles += [truth[start : start + columns], *pad, images[start : start + columns], *pad]
-    save_image(make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0), path)
+def save_pairs(
+    path: str | Path, images: Tensor, truth: Tensor, per_row: int = 8, rows: list[dict] | None = None
+) -> None:
+    """A PNG of up to ``per_row`` targets per band: ground truths above their reconstructions.
+
+    With ``rows`` (the evaluation's, one per target) each ground truth is captioned with its target index and
+    each reconstruction with its PSNR and SSIM. A failed (NaN) reconstruction shows black.
+    """
+    images = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
+    truth_captions = reconstruction_captions = None
+    if rows is not None:
+        truth_captions = [f"target {row['index']}" for row in rows]
+        reconstruction_captions = [
+            "failed (NaN)"
+            if row["psnr"] is None or math.isnan(row["psnr"])
+            else f"PSNR {row['psnr']:.1f} dB\nSSIM {row['ssim']:.2f}"
+            for row in rows
+        ]
+    draw_rows(
+        path,
+        [("ground truth", truth, truth_captions), ("reconstruction", images, reconstruction_captions)],
+        per_row=per_row,
+    )
 
 
 # --- the command line ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -50,8 +51,26 @@ def match_to_truth(images: Tensor, truth: Tensor) -> Tensor:
     return torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
 
 
+def lpips_backbone_url(net: str = "alex") -> str:
+    """The published ImageNet weights of an LPIPS backbone (torchvision's)."""
+    from torchvision import models
+
+    return {
+        "alex": models.AlexNet_Weights.IMAGENET1K_V1,
+        "vgg": models.VGG16_Weights.IMAGENET1K_V1,
+        "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1,
+    }[net].url
+
+
+def lpips_backbone_file(net: str = "alex") -> Path:
+    """Where torchvision looks for an LPIPS backbone's weights: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(lpips_backbone_url(net)).name
+
+
 class LPIPSMetric:
     """LPIPS (AlexNet) where its weights are on this machine; otherwise unavailable, said once, never a crash.
+
+    Nothing is downloaded: the backbone's weight file must already be in ``$TORCH_HOME/hub/checkpoints``.
 
     Args:
         net: the LPIPS backbone (``alex``, ``vgg`` or ``squeeze``).
@@ -63,21 +82,21 @@ class LPIPSMetric:
         self.net = net
         self.model: nn.Module | None = None
         self.reason: str | None = None
-        try:
-            import lpips
+        path = lpips_backbone_file(net)
+        if not path.is_file():
+            self.reason = f"LPIPS is unavailable: it needs {path.name} in {path.parent} (from {lpips_backbone_url(net)})"
+        else:
+            try:
+                import lpips
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.model = lpips.LPIPS(net=net, verbose=False).eval()
-        except Exception as error:  # the backbone's weights cannot be downloaded here
-            self.reason = (
-                f"LPIPS ({net}) is unavailable: its backbone weights could not be loaded ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}). On a connected machine they download "
-                "by themselves; offline, copy torchvision's weight file into $TORCH_HOME/hub/checkpoints/."
-            )
-            if not LPIPSMetric._warned:
-                log.warning(self.reason)
-                LPIPSMetric._warned = True
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torchvision's notice about lpips's `pretrained=True`
+                    self.model = lpips.LPIPS(net=net, verbose=False).eval()
+            except Exception as error:  # a damaged weight file
+                self.reason = f"LPIPS is unavailable: {path} cannot be loaded ({type(error).__name__})"
+        if self.reason and not LPIPSMetric._warned:
+            log.warning(self.reason)
+            LPIPSMetric._warned = True
 
     @property
     def available(self) -> bool:

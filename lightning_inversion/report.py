@@ -61,23 +61,123 @@ def comparison_grid(images: Tensor, truth: Tensor | None = None) -> Tensor:
     return make_grid(grid, nrow=len(images), padding=2, pad_value=1.0)
 
 
-def save_comparison(path: str | os.PathLike, images: Tensor, truth: Tensor | None = None) -> None:
-    """Write a PNG: ground truth in the top row (when known), the reconstruction below, image i above image i."""
-    save_image(comparison_grid(images, truth), path)
+def save_comparison(
+    path: str | os.PathLike,
+    images: Tensor,
+    truth: Tensor | None = None,
+    restarts: Tensor | None = None,
+    scores: list[float] | None = None,
+    chosen: int | None = None,
+) -> list[str]:
+    """Write a PNG with titled rows: ground truth (when known), the reconstruction, and optionally every restart.
 
-
-def plot_progress(path: str | os.PathLike, history: dict[str, list]) -> None:
-    """Write a PNG of the best restart's matching cost (and PSNR, when known) over the optimisation steps.
+    Each reconstruction is put under the ground truth it was matched to (Hungarian assignment, as for the
+    metrics) with its PSNR and SSIM below it. Tiny images are enlarged without blurring (nearest neighbour).
 
     Args:
         path: the PNG to write.
-        history: ``step`` and ``matching_cost`` lists of equal length; ``psnr_step`` and ``psnr`` likewise.
+        images: the chosen reconstruction in [0, 1], ``(B, C, H, W)``.
+        truth: the ground truth in [0, 1], ``(B, C, H, W)``, or ``None``.
+        restarts: every restart in [0, 1], ``(R, B, C, H, W)``, to show one row each; ``None``: not shown.
+        scores: each restart's selection score, shown in its row's title.
+        chosen: the restart that was chosen, marked in its row's title.
+
+    Returns:
+        the row titles, top to bottom.
+    """
+    rows: list[tuple[str, Tensor, list[str] | None]] = []
+    if truth is not None:
+        rows.append(("ground truth", truth, None))
+    rows.append(("reconstruction", *_matched_with_captions(images, truth)))
+    for r, restart in enumerate(restarts if restarts is not None else []):
+        title = f"restart {r}" + (" (chosen)" if r == chosen else "")
+        title += f"\nscore {scores[r]:.3g}" if scores is not None else ""
+        rows.append((title, *_matched_with_captions(restart, truth)))
+    draw_rows(path, rows)
+    return [title for title, _, _ in rows]
+
+
+def _matched_with_captions(images: Tensor, truth: Tensor | None) -> tuple[Tensor, list[str] | None]:
+    """The images in the ground truth's order and their ``PSNR``/``SSIM`` captions (none without ground truth)."""
+    images = images.float().cpu()
+    if truth is None or torch.isnan(images).any():
+        return torch.nan_to_num(images, nan=0.0), None
+    truth = truth.float().cpu()
+    if len(images) > 1:
+        images = images[match_to_truth(images, truth)]
+    captions = [
+        f"PSNR {p:.1f} dB\nSSIM {q:.2f}"
+        for p, q in zip(psnr(images, truth).tolist(), ssim(images, truth).tolist(), strict=True)
+    ]
+    return images, captions
+
+
+def draw_rows(
+    path: str | os.PathLike,
+    rows: list[tuple[str, Tensor, list[str] | None]],
+    per_row: int = 8,
+    cell_inches: float = 1.4,
+) -> None:
+    """Write a PNG of image rows, each with its title on the left and an optional caption under each image.
+
+    Args:
+        path: the PNG to write.
+        rows: ``(title, images (N, C, H, W) in [0, 1], captions or None)``; rows longer than ``per_row`` wrap,
+            and the rows repeat in that order for each band of ``per_row`` images.
+        per_row: images per line.
+        cell_inches: the side of one image in the figure (100 pixels per inch).
+    """
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the user's backend alone
+
+    count = max(len(images) for _, images, _ in rows)
+    columns = min(per_row, count)
+    bands = math.ceil(count / columns)
+    captioned = any(captions for _, _, captions in rows)
+    cell_height = cell_inches + (0.4 if captioned else 0.1)
+    lines = len(rows) * bands
+    fig = Figure(figsize=(1.2 + columns * cell_inches, 0.2 + lines * cell_height), layout="constrained")
+    axes = fig.subplots(lines, columns, squeeze=False)
+    for band in range(bands):
+        for k, (title, images, captions) in enumerate(rows):
+            line = band * len(rows) + k
+            for column in range(columns):
+                ax = axes[line, column]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                i = band * columns + column
+                if column == 0:
+                    ax.set_ylabel(title, fontsize=10)
+                if i >= len(images):
+                    continue
+                image = images[i].float().clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, C)
+                gray = image.shape[-1] == 1
+                ax.imshow(
+                    image[..., 0] if gray else image,
+                    cmap="gray" if gray else None,
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                )
+                if captions:
+                    ax.set_xlabel(captions[i], fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def plot_progress(path: str | os.PathLike, history: dict[str, list]) -> None:
+    """Write a PNG of the best restart's matching cost (and PSNR, when known) over the optimiser's steps.
+
+    Args:
+        path: the PNG to write.
+        history: ``step`` and ``matching_cost`` lists of equal length; ``psnr_step`` and ``psnr`` likewise, all
+            steps counted as the Trainer's optimiser steps.
     """
     from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the user's backend alone
 
     panels = 2 if history["psnr"] else 1
     fig = Figure(figsize=(5 * panels, 3.5), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(1, panels, squeeze=False, sharex=True)[0]
     costs = [
         (s, c) for s, c in zip(history["step"], history["matching_cost"], strict=True) if math.isfinite(c)
     ]
@@ -85,12 +185,16 @@ def plot_progress(path: str | os.PathLike, history: dict[str, list]) -> None:
         axes[0].plot(*zip(*costs, strict=True), lw=1)
         if all(c > 0 for _, c in costs):
             axes[0].set_yscale("log")
-    axes[0].set(xlabel="step", ylabel="gradient-matching cost", title="best restart's matching cost")
+    axes[0].set(
+        xlabel="optimiser step", ylabel="gradient-matching cost", title="best restart's matching cost"
+    )
     if panels == 2:
         axes[1].plot(history["psnr_step"], history["psnr"], marker=".", lw=1)
-        axes[1].set(xlabel="step", ylabel="PSNR (dB)", title="PSNR against the ground truth")
+        axes[1].set(xlabel="optimiser step", ylabel="PSNR (dB)", title="PSNR against the ground truth")
+    steps = [*history["step"], *history["psnr_step"]]
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.set_xlim(0, max(steps, default=1) or 1)
     fig.savefig(path, dpi=100)
 
 
@@ -116,6 +220,7 @@ class InversionReport(pl.Callback):
             (0: only at the end).
         lpips: compute LPIPS (AlexNet) at the end, where its weights can be had.
         snapshot_every_n_steps: show the current best images every this many steps (0: never).
+        show_restarts: add a row per restart (with its selection score) to ``reconstruction.png``.
     """
 
     def __init__(
@@ -124,12 +229,14 @@ class InversionReport(pl.Callback):
         monitor_every_n_steps: int = 50,
         lpips: bool = True,
         snapshot_every_n_steps: int = 500,
+        show_restarts: bool = False,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
         self.monitor_every_n_steps = monitor_every_n_steps
         self.lpips = lpips
         self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.show_restarts = show_restarts
         self.truth: Tensor | None = None
         self.truth_labels: Tensor | None = None
         self.metrics: dict | None = None
@@ -255,8 +362,8 @@ class InversionReport(pl.Callback):
             self.metrics["interrupted_at_step"] = trainer.global_step
             self.metrics["max_steps"] = trainer.max_steps
             self.metrics["checkpoints"] = [str(path) for path in checkpoints or []]
-        if "psnr" in self.metrics and result.stats["steps"] not in self.history["psnr_step"]:
-            self.history["psnr_step"].append(result.stats["steps"])
+        if "psnr" in self.metrics and trainer.global_step not in self.history["psnr_step"]:
+            self.history["psnr_step"].append(trainer.global_step)  # optimiser steps, as the cost's
             self.history["psnr"].append(self.metrics["psnr"])
         if folder is not None:
             self.write(folder, result)
@@ -313,8 +420,18 @@ class InversionReport(pl.Callback):
             folder / "reconstruction.pt",
         )
         if not torch.isnan(result.images).any():
-            save_comparison(folder / "reconstruction.png", result.images, self.truth)
-        if self.history["step"] or self.history["psnr"]:
+            restarts = result.restarts if self.show_restarts else None
+            save_comparison(
+                folder / "reconstruction.png",
+                result.images,
+                self.truth,
+                restarts,
+                result.stats["scores"],
+                result.stats["chosen_restart"],
+            )
+        if self.history[
+            "step"
+        ]:  # no plot of a run without optimisation (max_steps 0, a closed-form recovery)
             plot_progress(folder / "progress.png", self.history)
         (folder / "metrics.json").write_text(metrics_json(self.metrics))
         self.directory = folder

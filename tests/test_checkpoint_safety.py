@@ -35,7 +35,7 @@ class Payload:
         self.marker = marker
 
     def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('payload ran')",)
+        return exec, (f"with open({str(self.marker)!r}, 'w') as f: f.write('payload ran')",)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_a_checkpoint_cannot_make_the_cli_import_a_module(attack_run, tmp_path, 
     """A hyper-parameter naming a module (``optimizer: planted.make``) is refused; the module is never imported."""
     marker = tmp_path / "marker"
     (tmp_path / "planted.py").write_text(
-        f"open({str(marker)!r}, 'w').write('imported')\ndef make(params, lr): raise SystemExit\n"
+        f"with open({str(marker)!r}, 'w') as f: f.write('imported')\ndef make(params, lr): raise SystemExit\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     checkpoint = torch.load(attack_run[1], weights_only=True)

@@ -252,7 +252,8 @@ def test_image_folder_flat_and_files(tmp_path):
     assert labels.tolist() == [0, 0] and data.num_classes == 5 and images.shape == (2, 3, 32, 32)
     assert data.paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
     labelled = ImageFolderData(files=[str(tmp_path / "b.png"), str(tmp_path / "a.jpg")], labels=[4, 2])
-    assert labelled.num_classes == 5 and labelled.attack_targets()[1].tolist() == [4]
+    assert labelled.num_classes == 5 and labelled.attack_targets()[1].tolist() == [4, 2]  # every image
+    assert labelled.labels_known and not data.labels_known
     relative = ImageFolderData(root=str(tmp_path), files=["a.jpg"], num_classes=3)
     assert relative.attack_targets()[0].shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="2 images"):

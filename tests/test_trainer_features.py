@@ -109,6 +109,7 @@ class StopAt(pl.Callback):
             trainer.should_stop = True
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # other callbacks on purpose
 def test_a_resumed_run_equals_a_straight_run_bitwise(tmp_path, tiny_victim, cat16):
     steps, k = (
         12,
@@ -147,6 +148,8 @@ def test_a_resumed_run_equals_a_straight_run_bitwise(tmp_path, tiny_victim, cat1
     assert longer.global_step == steps + 2
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # other callbacks on purpose
+@pytest.mark.filterwarnings("ignore:resuming .* without the private data")  # what this test does
 def test_the_cli_resumes_without_the_private_data(tmp_path, monkeypatch):
     every3 = '[{"class_path": "ModelCheckpoint", "init_args": {"every_n_train_steps": 3, "save_top_k": -1}}]'
     args = ["fit", *SMALL, "--trainer.max_steps=6", f"--trainer.default_root_dir={tmp_path}"]

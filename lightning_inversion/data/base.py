@@ -36,7 +36,8 @@ class VisionData(pl.LightningDataModule):
         num_workers: data-loader worker processes.
         target_indices: the attack targets, as indices into the target split (validation/test). Overrides
             ``num_images`` and ``start_index``.
-        num_images: the number of attack targets B (one client batch).
+        num_images: the number of attack targets B (one client batch); ``None``: the dataset's default (one
+            image; every image of an :class:`~lightning_inversion.data.ImageFolderData`).
         start_index: the first target index when ``target_indices`` is not given.
         distinct_labels: pick ``num_images`` targets with pairwise different labels, scanning from
             ``start_index``.
@@ -46,6 +47,8 @@ class VisionData(pl.LightningDataModule):
     std: tuple[float, ...]
     num_classes: int
     image_shape: tuple[int, int, int]
+    # Whether the attacker is told the labels the client trained with (False: the attack must recover them).
+    labels_known: bool = True
 
     def __init__(
         self,
@@ -53,11 +56,12 @@ class VisionData(pl.LightningDataModule):
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt = 0,
         target_indices: list[NonNegativeInt] | None = None,
-        num_images: PositiveInt = 1,
+        num_images: PositiveInt | None = None,
         start_index: NonNegativeInt = 0,
         distinct_labels: bool = False,
     ) -> None:
         super().__init__()
+        num_images = 1 if num_images is None else num_images  # a folder's default: see ImageFolderData
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),

@@ -115,19 +115,24 @@ class ImageFolderData(VisionData):
 
     Give either ``root`` (a flat folder of images, or one sub-folder per class as for torchvision's
     ``ImageFolder``) or ``files``. Images are ordered by path (class folders: class first), which is the order
-    ``target_indices`` and ``start_index`` refer to. The training split is the same images with random
-    horizontal flips; the target split has no augmentation.
+    ``target_indices`` and ``start_index`` refer to. By default every image is a target: together they are the
+    client's batch. The training split is the same images with random horizontal flips; the target split has no
+    augmentation.
+
+    Without class folders or ``labels`` the images have no labels: the client trains with label 0 for each,
+    and the attack is not told them (``labels_known`` is False), so by default it recovers them from the update.
 
     Args:
         root: a folder of images: flat, or one sub-folder per class (labels = the sorted class folders' index).
         files: image files, as an alternative to a folder (relative to ``root`` when both are given).
         image_size: the side the images are resized to after the centre square crop.
-        labels: one label per image for a flat folder or ``files`` (default: all 0).
+        labels: one label per image for a flat folder or ``files``, known to the attacker (default: none; the
+            client uses 0 for each and the attack recovers them).
         num_classes: the victim's number of classes (default: the number of class folders, else
             ``max(labels) + 1``, else 10).
         mean: per-channel normalisation mean the victim expects (default: ImageNet's).
         std: per-channel normalisation standard deviation (default: ImageNet's).
-        **kwargs: see :class:`VisionData`.
+        **kwargs: see :class:`VisionData`; ``num_images`` defaults to every image (from ``start_index``).
     """
 
     def __init__(
@@ -155,6 +160,15 @@ class ImageFolderData(VisionData):
                 "ImageFolderData needs a folder of images (root) or a list of image files (files)"
             )
 
+        self.labels_known = folder_labels is not None or labels is not None
+        if kwargs.get("num_images") is None:  # the default: every image, from start_index
+            self.num_images = max(len(self.paths) - self.start_index, 1)
+            if not self.target_indices:
+                log.info(
+                    "attacking all %d images as one client batch (choose with data.num_images, "
+                    "data.start_index or data.target_indices)",
+                    self.num_images,
+                )
         if folder_labels is not None:
             if labels is not None:
                 raise InputError(f"{root} has class sub-folders, which set the labels; drop `labels`")
