@@ -7,8 +7,9 @@ thread setting, once on the idle machine and once beside a busy process (a Pytho
 second user's job would be), and reports the attack's own seconds (``metrics.json``) and the wall time.
 
 Settings:
-    tool default   the environment as the user has it; the CLI applies its own thread setting
-    torch default  ``LIGHTNING_INVERSION_THREADS=torch``: PyTorch's default (one thread per core, spinning waits)
+    default        the environment without OpenMP variables: PyTorch's default, one thread per core, whose waits
+                   spin for a while before they sleep
+    passive        ``OMP_WAIT_POLICY=PASSIVE``: the same threads, sleeping at once when they wait
     1 thread       ``OMP_NUM_THREADS=1``
 
 Run it on an otherwise idle machine::
@@ -31,15 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS: dict[str, dict[str, str]] = {
-    "tool default": {},
-    "torch default": {"LIGHTNING_INVERSION_THREADS": "torch"},
+    "default": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
+OPENMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def run_demo(steps: int | None, env_extra: dict[str, str], out: Path) -> tuple[float, float, dict]:
     """Run the demo once; returns (attack seconds, wall seconds, mean metrics)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LIGHTNING_INVERSION_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     env.update(env_extra)
     command = [
         sys.executable,
@@ -69,7 +71,9 @@ def busy_process() -> subprocess.Popen:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the demo's)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
@@ -85,9 +89,11 @@ def main() -> None:
                         other.kill()
                         other.wait()
                 rows.append((name, busy, seconds, wall, mean))
-                print(f"{name:14s} {'one core busy' if busy else 'idle':14s} attack {seconds:7.1f} s   wall {wall:7.1f} s"
-                      f"   PSNR {mean.get('psnr', float('nan')):.2f} dB  SSIM {mean.get('ssim', float('nan')):.3f}",
-                      flush=True)
+                print(
+                    f"{name:14s} {'one core busy' if busy else 'idle':14s} attack {seconds:7.1f} s   wall {wall:7.1f} s"
+                    f"   PSNR {mean.get('psnr', float('nan')):.2f} dB  SSIM {mean.get('ssim', float('nan')):.3f}",
+                    flush=True,
+                )
     print("\n| threads | idle: attack s | one core busy: attack s | busy ÷ idle |")
     print("|---|---|---|---|")
     for name in args.settings:

@@ -100,7 +100,7 @@ def test_an_unreadable_target_is_skipped_and_the_others_are_kept_as_they_finish(
     markdown = (out / "evaluation.md").read_text()
     assert markdown.startswith("# Evaluation over 3 targets (1 skipped, see the notes)")
     assert (
-        "Note: target 2 was skipped, its image could not be read: ValueError: cannot read image" in markdown
+        "Note: target 2 was skipped, its image could not be read: InputError: cannot read image" in markdown
     )
     assert "still to run" not in markdown  # the final table, not a partial one
 

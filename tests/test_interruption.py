@@ -87,6 +87,9 @@ def signalled(tmp_path_factory) -> dict[int, tuple[Path, int, str]]:
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.filterwarnings(
+    "ignore:Be aware that when using `ckpt_path`"
+)  # resumed without the pacing callbacks
 def test_a_signal_keeps_a_checkpoint_and_the_outputs_and_the_run_resumes_to_the_same_images(
     signum, signalled, straight
 ):
