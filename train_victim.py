@@ -1,5 +1,11 @@
 """Train a victim classifier with the paper's recipe: ``python train_victim.py fit --config configs/victim_cifar10.yaml``."""
 
+import os
+
+# OpenMP threads that sleep while they wait instead of spinning: beside another busy process on a small machine,
+# spinning threads slowed the demo 3.2x, sleeping ones 1.5x (benchmarks/threads.py). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from lightning_inversion.classifier import VictimClassifier
 from lightning_inversion.cli import main
 
