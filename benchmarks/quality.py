@@ -50,7 +50,7 @@ LBFGS_EVALUATIONS = 20  # torch.optim.LBFGS's max_iter: function evaluations per
 def attacks(steps: int, tv: float) -> dict[str, tuple[dict, int]]:
     """Attack options and step counts of the two columns, at the same budget of gradient evaluations."""
     dlg = dict(
-        cost="l2",
+        objective="l2",
         optimizer=torch.optim.LBFGS,
         lr=1.0,
         signed=False,
@@ -58,7 +58,7 @@ def attacks(steps: int, tv: float) -> dict[str, tuple[dict, int]]:
         tv=0.0,
         lr_decay=False,
     )
-    ours = dict(cost="sim", tv=tv)  # signed Adam, lr 0.1, step decay and box are the defaults
+    ours = dict(objective="sim", tv=tv)  # signed Adam, lr 0.1, step decay and box are the defaults
     return {
         "l2 + L-BFGS": (dlg, max(1, steps // LBFGS_EVALUATIONS)),
         "sim + signed Adam": (ours, steps),
