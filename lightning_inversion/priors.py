@@ -81,11 +81,14 @@ class RunningStatistics(StatisticsSource):
     average of *unbiased* batch variances; over the thousands of entries a channel has per batch (batch and
     spatial axes) the factor ``n / (n − 1)`` is far below the statistics' own spread, so it is used as it is.
     A victim that never trained holds BatchNorm's initial values (mean 0, variance 1), which say nothing about
-    any data: a warning says so.
+    any data: a warning says so. The threat model of a number made with this source reads
+    ``batchnorm_statistics: running``.
 
     Raises:
         InputError: (from :meth:`statistics`) the victim has no BatchNorm layer with running statistics.
     """
+
+    assumption = "running"
 
     def statistics(self, victim: nn.Module, update: Update) -> dict[str, tuple[Tensor, Tensor]]:
         found = {

@@ -170,3 +170,31 @@ def test_group_consistency_schedule():
     prior.at_step(50, 100)
     assert prior(images).tolist() == [0.25, 0.25]
     assert math.isclose(GroupConsistency(start=0.5, ramp=0.0).scale(0.5), 1.0)
+
+
+def test_threat_model_names_each_assumption():
+    from lightning_inversion.threat_model import threat_model
+
+    class Recovered(StatisticsSource):
+        assumption = "recovered"
+
+    plain = threat_model("idlg", [], 1, True, False)
+    assert plain == {
+        "labels": "recovered (idlg)",
+        "batchnorm_statistics": "none",
+        "num_images": 1,
+        "num_images_from": "update",
+        "client_mode": "eval",
+    }
+    priors = [GroupConsistency(), BatchNormStatistics(RunningStatistics())]
+    assert threat_model("given", priors, 4, False, True) == {
+        "labels": "given",
+        "batchnorm_statistics": "running",
+        "num_images": 4,
+        "num_images_from": "assumed",
+        "client_mode": "train",
+    }
+    both = priors + [BatchNormStatistics(Recovered())]
+    assert threat_model("dlg", both, 1, True, False)["batchnorm_statistics"] == "running+recovered"
+    switched_off = [BatchNormStatistics(RunningStatistics(), weight=0.0)]
+    assert threat_model("batch", switched_off, 2, True, False)["batchnorm_statistics"] == "none"
