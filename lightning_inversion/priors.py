@@ -51,6 +51,10 @@ class ImagePrior:
     def prepare(self, victim: nn.Module, update: Update) -> None:
         """Read what the prior needs from the victim and the target update (nothing by default)."""
 
+    def at_step(self, step: int, max_steps: int) -> None:
+        """Called before each optimisation step ``step`` of ``max_steps`` (for weight schedules; nothing by
+        default)."""
+
     def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
         """The unweighted penalty of ``(..., B, C, H, W)`` images, ``(...)``."""
         raise NotImplementedError
@@ -146,8 +150,9 @@ class BatchNormStatistics(ImagePrior):
         super().__init__(weight)
         self.reference = reference
         self.first_layer_weight = float(first_layer_weight)
-        self.targets: dict[str, tuple[Tensor, Tensor]] | None = None
-        self.first_layer: str | None = None
+        # What prepare() read for the current target; held apart from the options (a checkpoint describes a
+        # prior by its plain attributes, which must not change when it is prepared).
+        self.prepared: dict[str, Any] = {}
 
     def prepare(self, victim: nn.Module, update: Update) -> None:
         """Read the reference statistics for this victim and target update.
@@ -168,11 +173,13 @@ class BatchNormStatistics(ImagePrior):
                 f"the BatchNorm-statistics reference names layers the victim does not have: {', '.join(unknown)}"
             )
         device = next(victim.parameters()).device
-        self.targets = {n: (m.to(device).float(), v.to(device).float()) for n, (m, v) in targets.items()}
-        self.first_layer = layers[0]
+        self.prepared = {
+            "statistics": {n: (m.to(device).float(), v.to(device).float()) for n, (m, v) in targets.items()},
+            "first_layer": layers[0],
+        }
 
     def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
-        if self.targets is None:
+        if not self.prepared:
             raise RuntimeError("BatchNormStatistics.prepare(victim, update) must run before the penalty")
         statistics = seen.get(BATCHNORM_STATISTICS)
         if statistics is None:
@@ -180,12 +187,13 @@ class BatchNormStatistics(ImagePrior):
                 "the client's forward pass did not hand over the BatchNorm statistics this prior needs"
             )
         total = images.new_zeros(images.shape[:-4], dtype=torch.float32)  # (...)
-        for name, (ref_mean, ref_var) in self.targets.items():
+        first_layer = self.prepared["first_layer"]
+        for name, (ref_mean, ref_var) in self.prepared["statistics"].items():
             if name not in statistics:
                 raise RuntimeError(f"no BatchNorm statistics were seen for layer {name!r}")
             mean, var = statistics[name]  # (..., C) each
             distance = (mean.float() - ref_mean).norm(dim=-1) + (var.float() - ref_var).norm(dim=-1)
-            total = total + (self.first_layer_weight if name == self.first_layer else 1.0) * distance
+            total = total + (self.first_layer_weight if name == first_layer else 1.0) * distance
         return total
 
 
@@ -220,7 +228,9 @@ class GroupConsistency(ImagePrior):
     ) -> None:
         super().__init__(weight)
         self.start, self.ramp = float(start), float(ramp)
-        self.progress = 1.0
+        # The fraction of the attack's steps done, set by at_step; held apart from the options (a checkpoint
+        # describes a prior by its plain attributes, which must not change from step to step).
+        self.schedule = {"progress": 1.0}
 
     def scale(self, progress: float) -> float:
         """The schedule's factor on the weight at ``progress`` (the fraction of the steps done), in [0, 1]."""
@@ -232,7 +242,7 @@ class GroupConsistency(ImagePrior):
 
     def at_step(self, step: int, max_steps: int) -> None:
         """Set the schedule's progress before step ``step`` of ``max_steps``."""
-        self.progress = step / max_steps if max_steps > 0 else 1.0
+        self.schedule["progress"] = step / max_steps if max_steps > 0 else 1.0
 
     def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
         if images.dim() < 5:
@@ -245,4 +255,4 @@ class GroupConsistency(ImagePrior):
         return (images - consensus).flatten(-4).norm(dim=-1) / math.sqrt(size)  # (..., R)
 
     def __call__(self, images: Tensor, seen: dict[str, Any] | None = None) -> Tensor:
-        return self.scale(self.progress) * super().__call__(images, seen)
+        return self.scale(self.schedule["progress"]) * super().__call__(images, seen)
