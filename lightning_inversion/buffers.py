@@ -36,7 +36,9 @@ def batchnorm_layers(victim: nn.Module) -> dict[str, nn.modules.batchnorm._Batch
     return {
         name: m
         for name, m in victim.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
     }
 
 

@@ -10,6 +10,7 @@ Python values and refuses everything else before it runs. Nothing here imports L
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -519,3 +520,72 @@ def _description(metadata: dict[str, str], name: str) -> tuple[Any, Any, Any, An
     except json.JSONDecodeError as error:
         raise UpdateFileError(f"{name}: malformed metadata: {error}") from error
     return order, num_images, num_clients, meta
+
+
+def weights_digest(arrays: Sequence[Any]) -> str:
+    """A digest of a list of arrays or tensors (dtype, shape and bytes, in order): the identity of the global
+    weights an update was computed from (:class:`~lightning_inversion.flower.UpdateRecorder` records it)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if isinstance(a, Tensor) else a
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def victim_digests(victim: nn.Module) -> set[str]:
+    """The digests of the victim's ``state_dict()`` values and of its parameters alone."""
+    return {
+        weights_digest(list(victim.state_dict().values())),
+        weights_digest([p for p in victim.parameters()]),
+    }
+
+
+def kind_problem(update: Update, victim: nn.Module) -> str | None:
+    """Why ``update`` does not look like its kind, measured against the victim's (the global) weights, or ``None``.
+
+    New weights lie next to the global ones (cosine about 1, the same norm); a gradient or a change of weights is
+    small and points elsewhere. A ``gradient`` or ``delta`` that looks like new weights, or ``weights`` that look
+    like a change, are named.
+    """
+    params = [p.detach().float().cpu().reshape(-1) for p in victim.parameters()]
+    if len(params) != len(update.tensors):
+        return None
+    theta = torch.cat(params)
+    sent = torch.cat([t.detach().float().cpu().reshape(-1) for t in update.tensors])
+    norm, sent_norm = float(theta.norm()), float(sent.norm())
+    if norm == 0 or sent_norm == 0:
+        return None
+    cosine = float(sent @ theta) / (norm * sent_norm)
+    ratio = sent_norm / norm
+    looks_like_weights = cosine > 0.9 and 0.5 < ratio < 2
+    if update.kind != "weights" and looks_like_weights:
+        return (
+            f"it looks like new weights, not a {update.kind!r} (cosine {cosine:.5f} with the global weights, norm "
+            f"ratio {ratio:.3f}): set --client.protocol fedavg --client.send weights"
+        )
+    if update.kind == "weights" and not looks_like_weights:
+        return (
+            f"it does not look like new weights (cosine {cosine:.3f} with the global weights, norm ratio "
+            f"{ratio:.3g}): it is a change or a gradient (--client.send delta, or --client.protocol fedsgd), or "
+            "the victim does not hold the global weights the server sent (--model.victim_weights)"
+        )
+    return None
+
+
+def as_change(update: Update, victim: nn.Module) -> Update:
+    """A ``weights`` update as the change of weights ``θ_K − θ_0`` from the victim's weights (the global ones the
+    server sent), kind ``delta``: what the matching cost can see (new weights have a cosine of about 1 with any
+    near copy of the global weights). Other kinds are returned as they are."""
+    if update.kind != "weights":
+        return update
+    params = list(victim.parameters())
+    tensors = [t - p.detach().to(t) for t, p in zip(update.tensors, params, strict=True)]
+    meta = dict(update.meta)
+    meta["sent"] = "weights"  # what the client sent; the server subtracted the global weights
+    return dataclasses.replace(update, tensors=tensors, kind="delta", meta=meta)
