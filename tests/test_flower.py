@@ -131,8 +131,13 @@ def check_reproduced(tmp_path, net_class, setting, kind_of_file, num_images=4):
     update = as_change(update, server_net)  # what the server sees: the change from the weights it sent
     simulated = Client(**options, train_mode=True).update(server_net, images, labels)
     assert cosine(update.tensors, simulated.tensors) > 0.9999
-    for name, change in update.buffer_changes.items():
-        torch.testing.assert_close(change, simulated.buffer_changes[name], rtol=1e-4, atol=1e-5)
+    if with_buffers:  # the running statistics moved as the simulated client's did; the step counters exactly
+        assert update.buffer_changes.keys() == simulated.buffer_changes.keys()
+        moved = [n for n, b in update.buffer_changes.items() if b.is_floating_point()]
+        theirs = [update.buffer_changes[n] for n in moved]
+        assert cosine(theirs, [simulated.buffer_changes[n] for n in moved]) > 0.9999
+        for name in set(update.buffer_changes) - set(moved):
+            assert torch.equal(update.buffer_changes[name], simulated.buffer_changes[name])
     # the same from Flower's own Parameters object, in memory
     in_memory = load_update(
         ndarrays_to_parameters(sent), server_net, default_kind="weights" if kind == "delta" else kind
