@@ -144,7 +144,9 @@ def main() -> None:
             log.info(json.dumps(row))
             save_grid(args.output / f"{net_name}_b{num_images}.png", truths, pictures)
     (args.output / "flower.json").write_text(json.dumps(rows, indent=1))
-    print("| net | images | targets | buffers ignored | recovered BN statistics | delta (ignored) | seconds |")
+    print(
+        "| net | images | targets | buffers ignored | recovered BN statistics | delta (ignored) | seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[c]:.2f}" if r.get(c) is not None else "n/a" for c in ("ignored", "recovered", "delta")]
