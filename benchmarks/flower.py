@@ -70,7 +70,9 @@ def prior_options(weight: float) -> dict:
     return {"priors": [prior]}
 
 
-def attack(server_net, update, truth, num_images: int, steps: int, extra: dict) -> tuple[float, torch.Tensor]:
+def attack(
+    server_net, update, truth, num_images: int, steps: int, extra: dict, tv: float = 1e-2
+) -> tuple[float, torch.Tensor]:
     server_net.train()  # the client's mode
     result = reconstruct(
         server_net,
@@ -80,6 +82,7 @@ def attack(server_net, update, truth, num_images: int, steps: int, extra: dict) 
         std=PhotoData.std,
         num_images=num_images,
         max_steps=steps,
+        tv=tv,
         client=Client(**CLIENT, train_mode=True),
         ground_truth=truth,
         **extra,
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=8, help="photos (or groups of photos) per batch size")
     parser.add_argument("--nets", nargs="+", default=["tutorial", "bn"], choices=list(NETS))
     parser.add_argument("--prior-weight", type=float, default=1e-2)
+    parser.add_argument("--tv", type=float, default=1e-2, help="weight of the total-variation prior")
     parser.add_argument("--columns", nargs="+", default=["ignored", "recovered", "delta"])
     parser.add_argument("--output", type=Path, default=Path("runs/flower"))
     args = parser.parse_args()
@@ -128,7 +132,7 @@ def main() -> None:
                     else:
                         update = weights
                     extra = prior_options(args.prior_weight) if column == "recovered" else {}
-                    value, picture = attack(server_net, update, truth, num_images, args.steps, extra)
+                    value, picture = attack(server_net, update, truth, num_images, args.steps, extra, args.tv)
                     psnrs[column].append(value)
                     pictures[column].append(picture)
                     log.info("%s B=%d photos %d..: %s %.2f dB", net_name, num_images, start, column, value)
