@@ -274,7 +274,8 @@ class Client:
                 "weight_decay": self.weight_decay,
                 "image_shape": list(images.shape[1:]),
             },
-            buffer_changes={n: b - start[n] for n, b in buffers.items()},
+            # Under aggregation the server sees no single client's buffers.
+            buffer_changes={n: b - start[n] for n, b in buffers.items()} if self.num_clients == 1 else {},
         )
 
     def simulate(
