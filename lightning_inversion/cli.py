@@ -31,7 +31,7 @@ from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from .attack import TRUE_HALF_PRECISIONS, GradientInversion, lightning_notices_silenced
+from .attack import GradientInversion
 from .checkpoints import (
     CHECKSUM_KEY,
     CheckpointError,
@@ -44,6 +44,7 @@ from .client import Client, Update
 from .data import MissingDataError, VisionData
 from .errors import InputError
 from .images import denormalize
+from .notices import TRUE_HALF_PRECISIONS, lightning_notices_silenced
 from .report import InversionReport, OutputFolderError, check_writable
 
 log = logging.getLogger(__name__)
@@ -971,6 +972,10 @@ def _other_run(
         return f"another client protocol ({identity.get('client')} there, {mine['client']} here)"
     if identity.get("optimizer") != mine["optimizer"]:
         return f"another optimizer ({identity.get('optimizer')} there, {mine['optimizer']} here)"
+    for part, described in mine["parts"].items():
+        theirs = identity.get("parts", {}).get(part, described)
+        if not _same_value(theirs, described):
+            return f"another {part} ({_part_shown(theirs)} there, {_part_shown(described)} here)"
     if target is not None and not _same_update(_stored_update("", checkpoint), target):
         return "another target update"
     return None
@@ -1023,6 +1028,14 @@ def _same_value(a, b) -> bool:
     if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool | str):
         return type(a) is not bool and type(b) is not bool and math.isclose(a, b, rel_tol=1e-9, abs_tol=0)
     return type(a) is type(b) and a == b
+
+
+def _part_shown(described) -> str:
+    """A part's description (``{"class_path": ..., "init_args": ...}``, or a list of them) in one line."""
+    if isinstance(described, list):
+        return "[" + ", ".join(map(_part_shown, described)) + "]"
+    options = ", ".join(f"{k}={_shown(v)}" for k, v in described.get("init_args", {}).items())
+    return f"{described.get('class_path', '?').rsplit('.', 1)[-1]}({options})"
 
 
 def _shown(value) -> str:
@@ -1096,8 +1109,8 @@ def _type_error_line(output: str) -> str | None:
     value = re.match(r"(.*?) does not conform", found.group(2))
     given = value.group(1) if value and value.group(1) else None
     if given is None:
-        nested = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?(.+?)\)?$", error, re.MULTILINE)
-        given = nested.group(1).strip("'") if nested else None
+        nested = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?'?([^'\s)]+)", error)
+        given = nested.group(1) if nested else None
     got = f", got {given}" if given else ""
     return f"error: --{option} must be {_ALLOWED[found.group(1)]}{got}\n"
 

@@ -26,6 +26,9 @@ from .errors import InputError
 
 UpdateKind = Literal["gradient", "delta", "weights"]
 
+#: What :meth:`Client.simulate` hands image priors that ask for it (see :mod:`lightning_inversion.priors`).
+BATCHNORM_STATISTICS = "batchnorm_statistics"
+
 
 @dataclass
 class Update:
@@ -286,6 +289,7 @@ class Client:
         images: Tensor,
         labels: Tensor,
         only: Sequence[int] | None = None,
+        seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
         """The update as a differentiable function of ``images`` (and soft ``labels``).
 
@@ -296,6 +300,11 @@ class Client:
             images: ``(B, C, H, W)`` in the victim's normalised input space.
             labels: ``(B,)`` class indices, or ``(B, K)`` soft-label logits.
             only: indices of the parameters whose update is wanted (all if ``None``).
+            seen: filled with what the client's first forward pass saw, for image priors (see
+                :mod:`lightning_inversion.priors`): pass ``{"batchnorm_statistics": {}}`` to get, per BatchNorm
+                layer name, the ``(mean, var)`` of its input (``var`` biased, over batch and spatial axes),
+                differentiable in ``images``. Under aggregation, over all clients' images. ``None``: nothing
+                recorded, at no cost.
 
         Returns:
             The update tensors, one per requested parameter (the average over clients under aggregation).
@@ -305,12 +314,15 @@ class Client:
         with EvalBatchNormAsAffine() if written_out else contextlib.nullcontext():
             if self.num_clients > 1:
                 per_client = self.split(images.shape[0])
+                each = [None if seen is None else {k: {} for k in seen} for _ in range(self.num_clients)]
                 updates = [
-                    self._simulate_one(victim, params, buffers, x, y, only)
-                    for x, y in zip(images.split(per_client), labels.split(per_client), strict=True)
+                    self._simulate_one(victim, params, buffers, x, y, only, s)
+                    for x, y, s in zip(images.split(per_client), labels.split(per_client), each, strict=True)
                 ]
+                if seen is not None and BATCHNORM_STATISTICS in seen:
+                    seen[BATCHNORM_STATISTICS].update(_pooled([s[BATCHNORM_STATISTICS] for s in each]))
                 return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
-            return self._simulate_one(victim, params, buffers, images, labels, only)
+            return self._simulate_one(victim, params, buffers, images, labels, only, seen)
 
     def _simulate_one(
         self,
@@ -320,9 +332,11 @@ class Client:
         images: Tensor,
         labels: Tensor,
         only: Sequence[int] | None,
+        seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
         names = list(params)
         wanted = range(len(names)) if only is None else only
+        statistics = None if seen is None else seen.get(BATCHNORM_STATISTICS)
 
         if self.protocol == "fedsgd":
             # Differentiate only the tensors the attack compares: the rest are constants of this function.
@@ -331,19 +345,29 @@ class Client:
             fixed = {n: params[n] for n in names if n not in chosen}
             if _plain_autograd_applies(images, labels, [params[n] for n in grad_names]):
                 selected = {n: params[n] for n in grad_names}
-                return _autograd_update(victim, fixed, selected, buffers, images, labels)
+                with _batchnorm_inputs(victim, statistics):
+                    return _autograd_update(victim, fixed, selected, buffers, images, labels)
 
             # The buffers are an argument, not captured: training-mode BatchNorm updates them in place, which
-            # torch.func allows only on the transformed function's inputs.
-            def loss_of(selected: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-                logits = functional_call(victim, ({**fixed, **selected}, b), (images,))
-                return cross_entropy(logits, labels)
+            # torch.func allows only on the transformed function's inputs. What the pass saw leaves the
+            # transform as its auxiliary output.
+            def loss_of(selected: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[Tensor, dict]:
+                found: dict = {}
+                with _batchnorm_inputs(victim, None if statistics is None else found):
+                    logits = functional_call(victim, ({**fixed, **selected}, b), (images,))
+                return cross_entropy(logits, labels), found
 
-            grads = torch.func.grad(loss_of)({n: params[n] for n in grad_names}, buffers)
+            grads, found = torch.func.grad(loss_of, has_aux=True)({n: params[n] for n in grad_names}, buffers)
+            if statistics is not None:
+                statistics.update(found)
             return [grads[n] for n in grad_names]
 
-        def loss_at(p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor]) -> Tensor:
-            return cross_entropy(functional_call(victim, (p, b), (x,)), y)
+        def loss_at(
+            p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor], record: bool
+        ) -> tuple[Tensor, dict]:
+            found: dict = {}
+            with _batchnorm_inputs(victim, found if record else None):
+                return cross_entropy(functional_call(victim, (p, b), (x,)), y), found
 
         num_images = images.shape[0]
         b = self.local_batch_size or num_images
@@ -354,7 +378,10 @@ class Client:
         for step in range(self.steps_for(num_images)):
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
-            grads = torch.func.grad(loss_at)(current, x, y, buffers)
+            first = step == 0 and statistics is not None
+            grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
+            if first:
+                statistics.update(found)
             if self.weight_decay:
                 grads = {n: grads[n] + self.weight_decay * current[n] for n in names}
             if self.momentum:
@@ -448,6 +475,46 @@ def update_problem(update: Update, victim: nn.Module | None = None) -> str | Non
         if bool((labels < 0).any()):
             return f"labels must be class indices >= 0, got {labels.tolist()}"
     return None
+
+
+@contextlib.contextmanager
+def _batchnorm_inputs(victim: nn.Module, into: dict | None):
+    """Record into ``into``, per BatchNorm layer name, the ``(mean, biased var)`` of the layer's first input over
+    its batch and spatial axes (``None``: record nothing, register nothing)."""
+    if into is None:
+        yield
+        return
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in into:
+                x = args[0].float()
+                axes = [0, *range(2, x.dim())]
+                into[name] = (x.mean(axes), x.var(axes, correction=0))
+
+        return record
+
+    handles = [
+        module.register_forward_pre_hook(hook(name))
+        for name, module in victim.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pooled(per_client: list[dict[str, tuple[Tensor, Tensor]]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Mean and biased variance over equal-sized client batches, from each batch's own."""
+    pooled = {}
+    for name in per_client[0]:
+        means = torch.stack([s[name][0] for s in per_client])
+        squares = torch.stack([s[name][1] + s[name][0] ** 2 for s in per_client])
+        mean = means.mean(0)
+        pooled[name] = (mean, squares.mean(0) - mean**2)
+    return pooled
 
 
 def _has_batchnorm(victim: nn.Module) -> bool:

@@ -154,7 +154,7 @@ def check_reproduced(tmp_path, net_class, setting, kind_of_file, num_images=4):
             client=Client(**options, train_mode=True),
             ground_truth=images.sigmoid(),
         )
-        assert result.stats["steps"] == 2 and result.images.shape == images.shape
+        assert result.steps == 2 and result.images.shape == images.shape
 
 
 def test_a_flower_update_is_attacked_from_the_command_line_with_a_custom_victim(tmp_path):
