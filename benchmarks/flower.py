@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4], help="batch sizes")
     parser.add_argument("--targets", type=int, default=8, help="photos (or groups of photos) per batch size")
+    parser.add_argument("--skip", type=int, default=0, help="groups of photos to skip (to split a run)")
     parser.add_argument("--nets", nargs="+", default=["tutorial", "bn"], choices=list(NETS))
     parser.add_argument("--prior-weight", type=float, default=0.1)
     parser.add_argument("--tv", type=float, default=0.1, help="weight of the total-variation prior")
@@ -170,7 +171,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for num_images in args.images:
-        groups = [i * num_images for i in range(min(args.targets, 8 // num_images))]
+        groups = [i * num_images for i in range(args.skip, min(args.skip + args.targets, 8 // num_images))]
         for net_name in args.nets:
             psnrs: dict[str, list[float]] = {c: [] for c in args.columns}
             pictures: dict[str, list[torch.Tensor]] = {c: [] for c in args.columns}
