@@ -265,6 +265,10 @@ def test_the_strategy_wrapper_records_a_federation_that_the_cli_attacks(tmp_path
         torch.testing.assert_close(prepared[name][1].cpu(), var)
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert metrics["attack"]["steps"] == 2 and "psnr" in metrics
+    # --update_ground_truth false: no metrics, though the private batch made the update
+    cli = main([*args, "--update_ground_truth=false", "--trainer.max_steps=1", "--model.priors=[]"])
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert "psnr" not in metrics
     # round 1's global weights are not the ones round 2's update was computed from
     with pytest.raises(InputError, match="other global weights"):
         main([*args[:2], f"--model.victim_weights={tmp_path / 'audit/round_001/global.npz'}", *args[3:]])
