@@ -64,81 +64,16 @@ def flower_update(net_name: str, images: torch.Tensor, labels: torch.Tensor, fol
     return server_net
 
 
-def has_priors() -> bool:
-    """Whether the attack takes a list of priors and priors.py has the BatchNorm-statistics prior."""
-    import inspect
-
-    from lightning_inversion.attack import GradientInversion
-
-    return (
-        hasattr(priors_module, "BatchNormStatistics")
-        and "priors" in inspect.signature(GradientInversion).parameters
-    )
-
-
 def prior_options(weight: float) -> dict:
     """The GradientInversion options that add the BatchNorm prior on recovered statistics."""
-    if not has_priors():
-        return {"_fallback_prior_weight": weight}
     prior = priors_module.BatchNormStatistics(RecoveredStatistics(), weight=weight)
     return {"priors": [prior]}
-
-
-def _fallback_attack_class(weight: float):
-    """Without the attack's priors list: the same prior, Σ_l ‖μ_l − μ̂_l‖ + ‖σ²_l − σ̂²_l‖ over the BatchNorm
-    layers, on the statistics of a separate train-mode forward pass of the dummy images (one restart)."""
-    from torch.func import functional_call
-
-    from lightning_inversion.attack import GradientInversion
-
-    class WithBatchNormPrior(GradientInversion):
-        def set_target(self, update) -> None:
-            super().set_target(update)
-            self._reference = RecoveredStatistics().statistics(self.victim, update)
-
-        def restart_costs(self, images, labels):
-            cost, tv = super().restart_costs(images, labels)
-            seen = {}
-
-            def hook(name):
-                def record(module, args):
-                    x = args[0]
-                    dims = [0, *range(2, x.dim())]
-                    seen.setdefault(name, (x.mean(dims), x.var(dims, unbiased=False)))
-
-                return record
-
-            modules = dict(self.victim.named_modules())
-            handles = [modules[n].register_forward_pre_hook(hook(n)) for n in self._reference]
-            try:
-                buffers = {k: v.clone() for k, v in self.victim.named_buffers()}
-                functional_call(self.victim, (dict(self.victim.named_parameters()), buffers), (images[0],))
-            finally:
-                for h in handles:
-                    h.remove()
-            prior = sum(
-                (seen[n][0] - m).norm() + (seen[n][1] - v).norm() for n, (m, v) in self._reference.items()
-            )
-            return cost + weight * prior, tv
-
-    return WithBatchNormPrior
 
 
 def attack(
     server_net, update, truth, num_images: int, steps: int, extra: dict, tv: float = 1e-2
 ) -> tuple[float, torch.Tensor]:
     server_net.train()  # the client's mode
-    extra = dict(extra)
-    fallback = extra.pop("_fallback_prior_weight", None)
-    if fallback is not None:
-        import lightning_inversion.api as api
-
-        original = api.GradientInversion
-        api.GradientInversion = _fallback_attack_class(fallback)
-        try:
-            return attack(server_net, update, truth, num_images, steps, extra, tv)
-        finally:
-            api.GradientInversion = original
     result = reconstruct(
         server_net,
         update,
