@@ -9,8 +9,10 @@ It is written with ``torch.func.functional_call`` and ``torch.func.grad``, so it
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
 
 UpdateKind = Literal["gradient", "delta", "weights"]
@@ -99,6 +102,10 @@ class Client:
             ours, is eval mode.
         num_clients: secure aggregation: the private batch is split into this many equal client batches, each
             client computes its own update, and the server sees only their average.
+        defenses: what the client does to its update before sharing it, in order
+            (:mod:`lightning_inversion.defenses`: ``DPSGD``, ``ClipUpdate``, ``GaussianNoise``, ``LaplaceNoise``,
+            ``Prune``, ``Quantize``); under aggregation each client defends its own update. The honest update
+            draws their noise privately; the attacker's simulation knows only their rules.
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class Client:
         send: Literal["delta", "weights"] = "delta",
         train_mode: bool = False,
         num_clients: PositiveInt = 1,
+        defenses: list[Defense] | None = None,
     ) -> None:
         # The command line refuses these through the types; from Python the same rules hold here.
         for name, value in (
@@ -136,6 +144,7 @@ class Client:
         self.send = send
         self.train_mode = bool(train_mode)
         self.num_clients = int(num_clients)
+        self.defenses = _checked_defenses(defenses)
 
     @property
     def kind(self) -> UpdateKind:
@@ -209,14 +218,21 @@ class Client:
         return self if adopted == mine else Client(**adopted)
 
     def update(self, victim: nn.Module, images: Tensor, labels: Tensor) -> Update:
-        """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,)."""
+        """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,).
+
+        With defenses, this is the honest face: their noise is drawn from generators private to this call.
+        """
         names = [n for n, _ in victim.named_parameters()]
         params = {n: p.detach() for n, p in victim.named_parameters()}
         buffers = {n: b.detach().clone() for n, b in victim.named_buffers()}
         modes = [(m, m.training) for m in victim.modules()]
+        meta: dict = {}
         try:
             with torch.no_grad():
-                tensors = self.simulate(victim, params, buffers, images, labels)
+                if self.defenses:
+                    tensors = self._defended_update(victim, params, buffers, images, labels, meta)
+                else:
+                    tensors = self.simulate(victim, params, buffers, images, labels)
         finally:  # the caller's model keeps its modes (simulate sets the client's)
             for m, mode in modes:
                 m.training = mode
@@ -233,8 +249,123 @@ class Client:
                 "local_steps": self.steps_for(len(images)),
                 "local_batch_size": self.local_batch_size,
                 "train_mode": self.train_mode,
+                **meta,
             },
         )
+
+    @property
+    def dpsgd(self) -> DPSGD | None:
+        """The client's DP-SGD defense, if any (it acts inside the local steps, before the other defenses)."""
+        return next((d for d in self.defenses if isinstance(d, DPSGD)), None)
+
+    def privacy(self, num_images: int) -> dict | None:
+        """The DP guarantee of one update of ``num_images`` images (ε from Opacus's accountant), or ``None``."""
+        dp = self.dpsgd
+        if dp is None:
+            return None
+        per_client = self.split(num_images)
+        if self.protocol == "fedsgd":
+            return dp.privacy(1.0, 1)
+        batch = min(self.local_batch_size or per_client, per_client)
+        return dp.privacy(batch / per_client, self.steps_for(per_client))
+
+    def _defended_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        meta: dict,
+    ) -> list[Tensor]:
+        """The honest face of the defenses: each client's update, defended with private draws, then averaged."""
+        dp = self.dpsgd
+        self._check_defenses(victim)
+        # One private generator per defense that draws, for this call only: never stored, never returned.
+        generators = {id(d): private_generator(d.seed, images.device) for d in self.defenses if d.draws}
+        victim.train(self.train_mode)
+        per_client = self.split(images.shape[0])
+        updates = []
+        for x, y in zip(images.split(per_client), labels.split(per_client), strict=True):
+            if dp is None:
+                written_out = not self.train_mode and _has_batchnorm(victim)
+                with EvalBatchNormAsAffine() if written_out else contextlib.nullcontext():
+                    tensors = self._local_update(victim, params, buffers, x, y, None, None)
+            else:
+                tensors = self._opacus_update(victim, params, buffers, x, y, dp, generators.get(id(dp)))
+            for defense in self.defenses:
+                if defense is not dp:
+                    tensors = defense.defend(tensors, generators.get(id(defense)))
+            updates.append(tensors)
+        meta["defenses"] = [d.describe() for d in self.defenses]
+        privacy = self.privacy(images.shape[0])
+        if privacy is not None:
+            meta["privacy"] = privacy
+        return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
+
+    def _opacus_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        dp: DPSGD,
+        generator: torch.Generator | None,
+    ) -> list[Tensor]:
+        """One client's DP-SGD update through Opacus: ``GradSampleModule`` and ``DPOptimizer`` over plain SGD."""
+        from .defenses import _opacus
+
+        GradSampleModule = _opacus("opacus", "GradSampleModule")
+        model = copy.deepcopy(victim)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+                p.requires_grad_(True)
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        if not self.train_mode:  # training mode with BatchNorm is refused by _check_defenses
+            _constant_statistics(model)
+        # Opacus records activations only of modules in training mode: the layers with parameters are put in it
+        # (eval-mode BatchNorm is now a constant map), the others (dropout) keep the client's mode.
+        for module in model.modules():
+            module.training = self.train_mode or any(True for _ in module.parameters(recurse=False))
+        sampled = GradSampleModule(model)
+        num_images = images.shape[0]
+        fedsgd = self.protocol == "fedsgd"
+        b = num_images if fedsgd else min(self.local_batch_size or num_images, num_images)
+        optimizer = dp.optimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0 if fedsgd else self.local_lr), b, generator
+        )
+        start = [p.detach().clone() for p in model.parameters()]
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Opacus's hooks on the first layer fire on outputs (the images need no gradient): as meant.
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                if fedsgd:
+                    optimizer.zero_grad()
+                    cross_entropy(sampled(images), labels).backward()
+                    optimizer.pre_step()  # clip, sum, noise, divide: p.grad is the DP gradient
+                    return [p.grad.detach().clone() for p in model.parameters()]
+                num_batches = math.ceil(num_images / b)
+                for step in range(self.steps_for(num_images)):
+                    i = step % num_batches
+                    optimizer.zero_grad()
+                    cross_entropy(sampled(images[i * b : (i + 1) * b]), labels[i * b : (i + 1) * b]).backward()
+                    optimizer.step()
+        finally:
+            sampled._close()
+        weights = [p.detach().clone() for p in model.parameters()]
+        if self.send == "delta":
+            return [w - s for w, s in zip(weights, start, strict=True)]
+        return weights
+
+    def _check_defenses(self, victim: nn.Module) -> None:
+        if self.dpsgd is not None and self.train_mode and _has_batchnorm(victim):
+            raise InputError(
+                "the DPSGD defense needs per-example gradients, which BatchNorm in training mode does not have "
+                "(it mixes the examples of a batch): set client.train_mode false or use a victim without BatchNorm"
+            )
 
     def simulate(
         self,
@@ -279,10 +410,51 @@ class Client:
         labels: Tensor,
         only: Sequence[int] | None,
     ) -> list[Tensor]:
+        if not self.defenses:
+            return self._local_update(victim, params, buffers, images, labels, only, None)
+        # The attacker's face of the defenses: their rules, no draws. Clipping and pruning look at every tensor,
+        # so the whole update is computed before the compared tensors are picked.
+        self._check_defenses(victim)
+        dp = self.dpsgd
+        tensors = self._local_update(victim, params, buffers, images, labels, None, dp)
+        for defense in self.defenses:
+            if defense is not dp:
+                tensors = defense.simulate(tensors)
+        return tensors if only is None else [tensors[i] for i in only]
+
+    def _local_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        only: Sequence[int] | None,
+        dp: DPSGD | None,
+    ) -> list[Tensor]:
+        """One client's undefended update, or with ``dp`` its DP-SGD update without the noise (per-example
+        gradients by ``vmap``, clipped as Opacus clips them)."""
         names = list(params)
         wanted = range(len(names)) if only is None else only
 
+        def loss_at(p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor]) -> Tensor:
+            return cross_entropy(functional_call(victim, (p, b), (x,)), y)
+
+        def gradient(p: dict[str, Tensor], x: Tensor, y: Tensor, expected: int) -> dict[str, Tensor]:
+            if dp is None:
+                return torch.func.grad(loss_at)(p, x, y, buffers)
+
+            def loss_of_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+                return loss_at(p, xi[None], yi[None], buffers)
+
+            per_example = torch.func.vmap(torch.func.grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
+            clipped = dp.clip_and_average([per_example[n] for n in names], expected)  # (B, *shape) each
+            return dict(zip(names, clipped, strict=True))
+
         if self.protocol == "fedsgd":
+            if dp is not None:
+                grads = gradient(params, images, labels, images.shape[0])
+                return [grads[names[i]] for i in wanted]
             # Differentiate only the tensors the attack compares: the rest are constants of this function.
             grad_names = [names[i] for i in wanted]
             chosen = set(grad_names)
@@ -300,9 +472,6 @@ class Client:
             grads = torch.func.grad(loss_of)({n: params[n] for n in grad_names}, buffers)
             return [grads[n] for n in grad_names]
 
-        def loss_at(p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor]) -> Tensor:
-            return cross_entropy(functional_call(victim, (p, b), (x,)), y)
-
         num_images = images.shape[0]
         b = self.local_batch_size or num_images
         num_batches = math.ceil(num_images / b)
@@ -311,7 +480,7 @@ class Client:
         for step in range(self.steps_for(num_images)):
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
-            grads = torch.func.grad(loss_at)(current, x, y, buffers)
+            grads = gradient(current, x, y, min(b, num_images))
             change = {n: change[n] - self.local_lr * grads[n] for n in names}
             current = {n: params[n] + change[n] for n in names}
         out = change if self.send == "delta" else current
@@ -321,6 +490,17 @@ class Client:
 _CLIENT_DEFAULTS = {
     name: p.default for name, p in inspect.signature(Client.__init__).parameters.items() if name != "self"
 }
+
+
+def _checked_defenses(defenses) -> list[Defense]:
+    """The client's defenses as a list; at most one DP-SGD."""
+    if defenses is None:
+        return []
+    if not isinstance(defenses, (list, tuple)) or not all(isinstance(d, Defense) for d in defenses):
+        raise InputError(f"client option defenses must be a list of defenses, got {defenses!r}")
+    if sum(isinstance(d, DPSGD) for d in defenses) > 1:
+        raise InputError("client option defenses: at most one DPSGD (it acts inside the local steps)")
+    return list(defenses)
 
 
 def _same_option(a, b) -> bool:
@@ -452,6 +632,30 @@ class EvalBatchNormAsAffine(TorchFunctionMode):
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+
+class _ConstantStatisticsBatchNorm(nn.Module):
+    """Eval-mode BatchNorm with its running statistics held as constants, not buffers: the same map, and a layer
+    Opacus accepts (it refuses every layer with buffers; in eval mode the statistics are no one's data)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.mean, self.var = bn.running_mean.detach().clone(), bn.running_var.detach().clone()
+        self.eps = bn.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _constant_statistics(model: nn.Module) -> None:
+    """Replace every eval-mode BatchNorm of ``model`` (in place) by :class:`_ConstantStatisticsBatchNorm`;
+    parameter names and order stay."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None:
+            setattr(model, name, _ConstantStatisticsBatchNorm(child))
+        else:
+            _constant_statistics(child)
 
 
 def _plain_autograd_applies(images: Tensor, labels: Tensor, params: Sequence[Tensor]) -> bool:
