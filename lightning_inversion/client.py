@@ -351,7 +351,9 @@ class Client:
                 for step in range(self.steps_for(num_images)):
                     i = step % num_batches
                     optimizer.zero_grad()
-                    cross_entropy(sampled(images[i * b : (i + 1) * b]), labels[i * b : (i + 1) * b]).backward()
+                    cross_entropy(
+                        sampled(images[i * b : (i + 1) * b]), labels[i * b : (i + 1) * b]
+                    ).backward()
                     optimizer.step()
         finally:
             sampled._close()

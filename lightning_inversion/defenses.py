@@ -22,6 +22,7 @@ Nothing here imports Lightning. Opacus is imported only by :class:`DPSGD`'s hone
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -40,6 +41,11 @@ Percent = restricted_number_type("Percent", float, [(">", 0), ("<=", 100)], join
 Percent.__doc__ = "A percentage in (0, 100]."
 Bits = restricted_number_type("Bits", int, [(">=", 1), ("<=", 16)], join="and")
 Bits.__doc__ = "A number of bits from 1 (the sign) to 16."
+
+# The Rényi orders of the RDP accountant: Opacus's defaults (1.1 … 63) and finer ones near 1 for small noise.
+RDP_ORDERS = (
+    [1 + x / 1000 for x in range(1, 100)] + [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+)
 
 # Opacus's per-example clip factor is C / (norm + 1e-6), at most 1 (opacus.optimizers.DPOptimizer).
 CLIP_EPS = 1e-6
@@ -111,7 +117,9 @@ class Defense:
 
     def describe(self) -> str:
         """A short name with the options, e.g. ``Prune(keep_percent=10)``."""
-        options = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options().items())
+        options = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options().items()
+        )
         return f"{type(self).__name__}({options})"
 
     def __repr__(self) -> str:
@@ -339,7 +347,9 @@ class DPSGD(Defense):
             per_example: one ``(B, *shape)`` tensor per parameter, every parameter of the victim.
             expected_batch_size: the divisor (Opacus's ``expected_batch_size``: the local batch size).
         """
-        norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=-1) for g in per_example], 1).norm(2, dim=1)
+        norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=-1) for g in per_example], 1).norm(
+            2, dim=1
+        )
         factor = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # (B,)
         return [torch.einsum("i,i...", factor, g) / expected_batch_size for g in per_example]
 
@@ -358,15 +368,22 @@ class DPSGD(Defense):
             secure_mode=self.secure_mode,
         )
 
-    def epsilon(self, sample_rate: float, steps: int) -> float:
-        """The ε spent for ``delta`` by ``steps`` DP-SGD steps at ``sample_rate``, times ``rounds``, from
-        Opacus's accountant; ``inf`` without noise."""
+    def epsilon(self, sample_rate: float, steps: int, rounds: int | None = None) -> float:
+        """The ε spent for ``delta`` by ``steps`` DP-SGD steps at ``sample_rate`` in each of ``rounds`` rounds
+        (default: the defense's ``rounds``), from Opacus's accountant; ``inf`` without noise."""
         if self.noise_multiplier == 0:
             return math.inf
         create_accountant = _opacus("opacus.accountants", "create_accountant")
         accountant = create_accountant(self.accountant)
-        accountant.history = [(self.noise_multiplier, float(sample_rate), int(steps) * self.rounds)]
-        return float(accountant.get_epsilon(delta=self.delta))
+        rounds = self.rounds if rounds is None else int(rounds)
+        accountant.history = [(self.noise_multiplier, float(sample_rate), int(steps) * rounds)]
+        if self.accountant != "rdp":
+            return float(accountant.get_epsilon(delta=self.delta))
+        # Small noise puts the best Rényi order below Opacus's default range: orders down to 1.001 are tried too.
+        # Any order gives a valid bound; Opacus warns when the smallest tried is the best (a looser bound).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Optimal order is the smallest alpha", UserWarning)
+            return float(accountant.get_epsilon(delta=self.delta, alphas=RDP_ORDERS))
 
     def privacy(self, sample_rate: float, steps: int) -> dict:
         """What ``metrics.json`` records: ε for δ, the sampling rate, steps per round and rounds, σ, C."""
