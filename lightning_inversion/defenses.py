@@ -379,11 +379,18 @@ class DPSGD(Defense):
         accountant.history = [(self.noise_multiplier, float(sample_rate), int(steps) * rounds)]
         if self.accountant != "rdp":
             return float(accountant.get_epsilon(delta=self.delta))
-        # Small noise puts the best Rényi order below Opacus's default range: orders down to 1.001 are tried too.
-        # Any order gives a valid bound; Opacus warns when the smallest tried is the best (a looser bound).
+        # Small noise puts the best Rényi order below Opacus's default range (it warns: a looser bound); then
+        # orders down to 1.001 are tried too. Every order gives a valid bound.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epsilon = float(accountant.get_epsilon(delta=self.delta))
+        if not any("Optimal order is the smallest alpha" in str(w.message) for w in caught):
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return epsilon
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Optimal order is the smallest alpha", UserWarning)
-            return float(accountant.get_epsilon(delta=self.delta, alphas=RDP_ORDERS))
+            return min(epsilon, float(accountant.get_epsilon(delta=self.delta, alphas=NEAR_ONE_ORDERS)))
 
     def privacy(self, sample_rate: float, steps: int) -> dict:
         """What ``metrics.json`` records: ε for δ, the sampling rate, steps per round and rounds, σ, C."""
