@@ -25,6 +25,7 @@ import base64
 import contextlib
 import csv
 import html
+import io
 import logging
 import math
 import re
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .attack import GradientInversion
 from .classifier import VictimClassifier
-from .cli import StopOnSignal, _drop_lightning_tips
+from .cli import StopOnSignal, _drop_lightning_tips, _type_error_line
 from .client import Client
 from .data import VisionData
 from .defenses import DPSGD, Defense, private_generator
@@ -776,7 +777,15 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     """Run ``audit.py`` (``args=None`` reads ``sys.argv``); a bad setting exits 2 with one line."""
     _drop_lightning_tips()
     parser = build_parser()
-    config = parser.parse_args(args)
+    written = io.StringIO()
+    try:  # a value a constrained type refuses: one line naming the option (as invert.py says it)
+        with contextlib.redirect_stderr(written):
+            config = parser.parse_args(args)
+    except SystemExit as exit:
+        line = _type_error_line(written.getvalue()) if exit.code == 2 else None
+        sys.stderr.write(line or written.getvalue())
+        raise
+    sys.stderr.write(written.getvalue())
     defaults = parser.get_defaults()
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)

@@ -42,10 +42,8 @@ Percent.__doc__ = "A percentage in (0, 100]."
 Bits = restricted_number_type("Bits", int, [(">=", 1), ("<=", 16)], join="and")
 Bits.__doc__ = "A number of bits from 1 (the sign) to 16."
 
-# The Rényi orders of the RDP accountant: Opacus's defaults (1.1 … 63) and finer ones near 1 for small noise.
-RDP_ORDERS = (
-    [1 + x / 1000 for x in range(1, 100)] + [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-)
+# Rényi orders below Opacus's default range (1.1 … 63), tried for small noise.
+NEAR_ONE_ORDERS = [1 + x / 1000 for x in range(1, 101)]
 
 # Opacus's per-example clip factor is C / (norm + 1e-6), at most 1 (opacus.optimizers.DPOptimizer).
 CLIP_EPS = 1e-6
