@@ -44,7 +44,8 @@ from lightning_inversion.attack import GradientInversion  # noqa: E402
 from lightning_inversion.client import Client, Update  # noqa: E402
 from lightning_inversion.data.photos import center_square, load_photo  # noqa: E402
 from lightning_inversion.images import IMAGENET_MEAN, IMAGENET_STD, box_bounds, normalize  # noqa: E402
-from lightning_inversion.objectives import decay_milestones, total_variation  # noqa: E402
+from lightning_inversion.objectives import decay_milestones  # noqa: E402
+from lightning_inversion.priors import total_variation  # noqa: E402
 from lightning_inversion.victims import build_victim  # noqa: E402
 
 log = logging.getLogger("speed")
@@ -188,7 +189,7 @@ class PlainLoop:
         """One step of every restart."""
         for x, optimizer, scheduler in zip(self.images, self.optimizers, self.schedulers, strict=True):
             optimizer.zero_grad(set_to_none=True)
-            loss = self.cost(x) + TV * total_variation(x.float())[0]
+            loss = self.cost(x) + TV * total_variation(x.float())
             (x.grad,) = torch.autograd.grad(loss, [x])
             x.grad.sign_()
             optimizer.step()
@@ -296,7 +297,7 @@ def memory_module(problem: Problem, restarts: int, steps: int, precision: str) -
 def cost_agreement(problem: Problem) -> float:
     """|module cost − plain cost| at the same initial image: both sides compute the same objective."""
     module = make_module(problem, 1)
-    module.on_fit_start()
+    module.prepare()
     images = module.dummy_images.detach().to(problem.label.device)
     module_cost = float(module.restart_costs(images, module.target_labels.to(images.device))[0][0])
     plain = PlainLoop(problem, 1, 1, bf16=False)

@@ -50,13 +50,12 @@ def aten_operations(step) -> int:
 @contextmanager
 def objective_form(module, flat: bool) -> Iterator[None]:
     """The module's cosine over one concatenated vector (``flat``) or per tensor, whatever the device."""
-    current = module.objective
-    other = GradientMatching(module.update.tensors, flat=flat).to(module.device)
-    module.__dict__["objective"] = other
+    current = module.matching
+    module.matching = GradientMatching(module.update.tensors, flat=flat)
     try:
         yield
     finally:
-        module.__dict__["objective"] = current
+        module.matching = current
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for restarts in args.restarts:
         module = speed.make_module(problem, restarts)
-        module.on_fit_start()
-        flat = not module.objective.flat  # the other form of the cosine than this device's default
+        module.prepare()
+        flat = not module.matching.flat  # the other form of the cosine than this device's default
         variants: dict[str, Callable[[], AbstractContextManager]] = {
             "autograd objective": autograd_objective,
             "fused eval batch norm": fused_eval_batch_norm,

@@ -11,6 +11,7 @@ batch the same ratio gives a mixture of the inputs, not one of them. Nothing her
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +74,38 @@ def find_linear_layers(victim: nn.Module) -> list[tuple[str, int, int]]:
     ]
 
 
+def last_layer(victim: nn.Module, num_classes: int) -> tuple[int, int | None]:
+    """The classifier layer of ``victim``: the last ``(num_classes, D)`` parameter, and its bias if one follows.
+
+    Returns:
+        ``(index of its weight, index of its bias or None)``, indices into ``list(victim.parameters())``.
+
+    Raises:
+        ValueError: no parameter has ``num_classes`` rows and two or more axes.
+    """
+    shapes = [tuple(p.shape) for p in victim.parameters()]
+    for i in range(len(shapes) - 1, -1, -1):
+        if len(shapes[i]) == 2 and shapes[i][0] == num_classes:
+            has_bias = i + 1 < len(shapes) and shapes[i + 1] == (num_classes,)
+            return i, i + 1 if has_bias else None
+    raise ValueError(f"no {num_classes}-row linear layer found in the update for label recovery")
+
+
+def last_layer_update(victim: nn.Module, update: Update, num_classes: int) -> tuple[Tensor, Tensor | None]:
+    """The classifier layer's entries of ``update`` (weight, and bias if any), as a change for ``weights``.
+
+    A ``weights`` update (``θ_K``) gives the change ``θ_K − θ_0`` against the victim's parameters.
+    """
+    weight_index, bias_index = last_layer(victim, num_classes)
+    tensors = update.tensors
+    if update.kind == "weights":
+        params = list(victim.parameters())
+        tensors = {
+            i: tensors[i] - params[i].to(tensors[i]) for i in (weight_index, bias_index) if i is not None
+        }
+    return tensors[weight_index], None if bias_index is None else tensors[bias_index]
+
+
 def recover_inputs(victim: nn.Module, update: Update, layer: str | None = None) -> tuple[Tensor, bool]:
     """The input of a biased linear layer of ``victim``, recovered from the client's ``update``.
 
@@ -121,3 +154,28 @@ def recover_inputs(victim: nn.Module, update: Update, layer: str | None = None) 
             update.num_clients,
         )
     return inputs, is_mixture
+
+
+def analytic_start(victim: nn.Module, update: Update, image_shape: tuple[int, ...]) -> tuple[Tensor, bool]:
+    """The closed-form input of the victim's first biased linear layer, and whether it is the image itself.
+
+    It is the image when that layer reads the image (an MLP) and the update comes from one image of one client;
+    otherwise the layer's input features (or a mixture of them), and a warning says so.
+
+    Raises:
+        ValueError: the victim has no biased ``nn.Linear`` layer, or the update cannot be used.
+    """
+    layers = find_linear_layers(victim)
+    if not layers:
+        raise ValueError("init 'analytic' needs a victim with a biased nn.Linear layer")
+    name = layers[0][0]
+    features, is_mixture = recover_inputs(victim, update, name)
+    exact = features.numel() == math.prod(image_shape) and not is_mixture
+    if not exact:
+        log.warning(
+            "closed-form recovery gives the %d inputs of layer %r%s, not the image: the images are optimised",
+            features.numel(),
+            name,
+            " (a mixture of the batch's inputs)" if is_mixture else "",
+        )
+    return features, exact

@@ -9,9 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from .attack import GradientInversion, Reconstruction, lightning_notices_silenced
+from .attack import GradientInversion, Reconstruction
 from .client import Client, Update
 from .errors import InputError
+from .notices import lightning_notices_silenced
+from .objectives import MatchingObjective
 from .report import InversionReport
 
 # Layers whose output depends on the mode (training or eval): the client's update does too.
@@ -86,7 +88,7 @@ def reconstruct(
     num_images: int = 1,
     restarts: int = 1,
     max_steps: int = 4800,
-    cost: str = "sim",
+    objective: str | MatchingObjective = "sim",
     tv: float = 1e-2,
     signed: bool = True,
     boxed: bool = True,
@@ -113,22 +115,23 @@ def reconstruct(
         num_images: B, the number of images behind the gradient.
         restarts: independent trials optimised together; the best is chosen without ground truth.
         max_steps: optimisation steps.
-        cost, tv, signed, boxed, lr, seed: as in :class:`~lightning_inversion.attack.GradientInversion`.
+        objective, tv, signed, boxed, lr, seed: as in :class:`~lightning_inversion.attack.GradientInversion`.
         client: the client's protocol (FedSGD by default; pass ``Client(protocol="fedavg", ...)`` for updates).
             Its ``train_mode`` must agree with the model's mode. What an :class:`Update` records about how it was
             made (kind, number of clients, FedAvg settings) fills the options left at their defaults; a
-            contradiction is refused (:meth:`Client.matching`).
+            contradiction is refused (:meth:`Client.matching`). New weights (kind ``weights``) are matched as
+            their change from the model's weights, the global weights the server sent.
         ground_truth: the true images in [0, 1], to measure the result (``result.metrics``); never used by the
             attack.
         trainer_kwargs: passed on to the Lightning ``Trainer`` (e.g. ``accelerator``, ``devices``,
             ``precision``); by default a quiet single-device Trainer.
-        **options: any other :class:`~lightning_inversion.attack.GradientInversion` argument (``layers``,
-            ``layer_weights``, ``init``, ``optimizer``, ``lr_decay``, ``median_filter_every``, ``label_strategy``,
+        **options: any other :class:`~lightning_inversion.attack.GradientInversion` argument (``objective``,
+            ``priors``, ``init``, ``optimizer``, ``lr_decay``, ``median_filter_every``, ``label_strategy``,
             ``restart_selection``, ...).
 
     Returns:
         a :class:`~lightning_inversion.attack.Reconstruction`: ``images`` ``(B, C, H, W)`` in [0, 1], ``labels``,
-        ``restarts`` and ``stats`` (per-restart scores, chosen restart, steps, seconds); ``metrics`` when
+        ``restarts``, the per-restart ``scores``, ``chosen_restart``, ``steps``, ``seconds``; ``metrics`` when
         ``ground_truth`` was given.
 
     Raises:
@@ -154,6 +157,11 @@ def reconstruct(
         if labels is not None:
             update = dataclasses.replace(update, labels=labels)
         client = client.matching(update)
+        if update.kind == "weights":  # the server knows the weights it sent (the model's): match the change
+            from .update_io import as_change
+
+            update = as_change(update, model)
+            client = Client(**{**client.options(), "send": "delta"})
     else:
         if isinstance(target_gradient, Tensor) or not isinstance(target_gradient, Sequence):
             raise InputError(
@@ -185,7 +193,7 @@ def reconstruct(
             std=std,
             num_images=num_images,
             restarts=restarts,
-            cost=cost,
+            objective=objective,
             tv=tv,
             signed=signed,
             boxed=boxed,

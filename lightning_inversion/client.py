@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
@@ -28,6 +28,9 @@ from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
 
 UpdateKind = Literal["gradient", "delta", "weights"]
+
+#: What :meth:`Client.simulate` hands image priors that ask for it (see :mod:`lightning_inversion.priors`).
+BATCHNORM_STATISTICS = "batchnorm_statistics"
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Update:
         labels: labels the attacker knows (shared by the client, or recovered), ``(B,)``; ``None`` if unknown.
         num_images: how many images the client used (the batch size B), when known.
         num_clients: how many clients were averaged into this update (1 without aggregation).
+        meta: what else is known about how the update was made (client options, its source file, ...).
+        buffer_changes: how the client's local training changed the victim's buffers (BatchNorm running
+            statistics and step counters), ``new − global`` by name as in ``victim.named_buffers()``; empty when
+            the client did not send its buffers. Never parameters: the objective matches ``tensors`` only.
     """
 
     tensors: list[Tensor]
@@ -50,6 +57,7 @@ class Update:
     num_images: int | None = None
     num_clients: int = 1
     meta: dict = field(default_factory=dict)
+    buffer_changes: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Update:
         return Update(
@@ -60,7 +68,14 @@ class Update:
             self.num_images,
             self.num_clients,
             dict(self.meta),
+            {n: b.to(device) for n, b in self.buffer_changes.items()},
         )
+
+    @property
+    def buffers_moved(self) -> bool:
+        """Whether local training changed a buffer's value (step counters aside): the client trained in train
+        mode (BatchNorm updated its running statistics)."""
+        return any(b.is_floating_point() and bool(b.any()) for b in self.buffer_changes.values())
 
     def state_dict(self) -> dict:
         """Plain tensors and Python values only, so it can be saved in a checkpoint and loaded without pickles."""
@@ -72,11 +87,16 @@ class Update:
             "num_images": self.num_images,
             "num_clients": self.num_clients,
             "meta": dict(self.meta),
+            "buffer_changes": {n: b.detach().cpu() for n, b in self.buffer_changes.items()},
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Update:
-        return cls(**state)
+        update = cls(**state)
+        overlap = set(update.names) & set(update.buffer_changes)
+        if overlap:
+            raise ValueError(f"{sorted(overlap)[:4]} are named both as parameters and as buffers")
+        return update
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -98,10 +118,14 @@ class Client:
             the whole batch at every step.
         local_epochs: FedAvg: if set, overrides ``local_steps`` with ``local_epochs · ceil(B / b)``.
         send: FedAvg: send the change ``θ_K − θ_0`` (``delta``) or the new weights ``θ_K`` (``weights``).
-        train_mode: run the victim in training mode (BatchNorm on batch statistics). The paper's default, and
-            ours, is eval mode.
+        train_mode: run the victim in training mode (BatchNorm on batch statistics, running statistics updated),
+            as real FL clients do (Flower's ``net.train()``). ``None``: the update's mode, training mode when
+            the buffers it carries moved, else eval mode (the paper's default).
         num_clients: secure aggregation: the private batch is split into this many equal client batches, each
             client computes its own update, and the server sees only their average.
+        momentum: FedAvg: the momentum of the client's local SGD (``torch.optim.SGD``'s, dampening 0; 0.9 in
+            PyTorch's tutorials); the momentum buffer starts at zero in every round.
+        weight_decay: FedAvg: the L2 weight decay of the client's local SGD (``torch.optim.SGD``'s).
         defenses: what the client does to its update before sharing it, in order
             (:mod:`lightning_inversion.defenses`: ``DPSGD``, ``ClipUpdate``, ``GaussianNoise``, ``LaplaceNoise``,
             ``Prune``, ``Quantize``); under aggregation each client defends its own update. The honest update
@@ -116,8 +140,10 @@ class Client:
         local_batch_size: PositiveInt | None = None,
         local_epochs: PositiveInt | None = None,
         send: Literal["delta", "weights"] = "delta",
-        train_mode: bool = False,
+        train_mode: bool | None = None,
         num_clients: PositiveInt = 1,
+        momentum: NonNegativeFloat = 0.0,
+        weight_decay: NonNegativeFloat = 0.0,
         defenses: list[Defense] | None = None,
     ) -> None:
         # The command line refuses these through the types; from Python the same rules hold here.
@@ -131,6 +157,11 @@ class Client:
                 raise InputError(f"client option {name} must be a whole number >= 1, got {value!r}")
         if not (isinstance(local_lr, (int, float)) and math.isfinite(local_lr) and local_lr > 0):
             raise InputError(f"client option local_lr must be a finite number > 0, got {local_lr!r}")
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InputError(f"client option {name} must be a finite number >= 0, got {value!r}")
+        if train_mode is not None and not isinstance(train_mode, bool):
+            raise InputError(f"client option train_mode must be true, false or null, got {train_mode!r}")
         if protocol not in ("fedsgd", "fedavg"):
             raise InputError(f"client option protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
         if send not in ("delta", "weights"):
@@ -142,8 +173,11 @@ class Client:
         self.local_batch_size = None if local_batch_size is None else int(local_batch_size)
         self.local_epochs = None if local_epochs is None else int(local_epochs)
         self.send = send
+        self.train_mode_option = train_mode  # None: follows the update
         self.train_mode = bool(train_mode)
         self.num_clients = int(num_clients)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
         self.defenses = _checked_defenses(defenses)
 
     @property
@@ -171,7 +205,9 @@ class Client:
 
     def options(self) -> dict:
         """The ``__init__`` arguments of this client."""
-        return {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
+        options = {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
+        options["train_mode"] = self.train_mode_option
+        return options
 
     def matching(
         self, update: Update, source: str = "the update", prefix: str = "client option ", adopt: bool = True
@@ -197,6 +233,7 @@ class Client:
         recorded = recorded_options(update)
         mine = self.options()
         adopted, effective = dict(mine), dict(mine)
+        effective["train_mode"] = self.train_mode  # what this client simulates (None: eval mode)
         if "local_steps" in recorded and self.local_epochs is not None:
             steps = self.steps_for(update.num_images or 1)
             if steps != recorded["local_steps"]:
@@ -210,6 +247,8 @@ class Client:
                 continue
             if not adopt or not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
                 what = f" (a {update.kind!r} update)" if name in ("protocol", "send") else ""
+                if name == "train_mode" and update.buffers_moved and "train_mode" not in update.meta:
+                    what = " (its BatchNorm running statistics moved: the client trained in train mode)"
                 raise InputError(
                     f"{prefix}{name} {mine[name]!r} contradicts {source}, which records {name} {value!r}{what}: "
                     f"drop the option or set it to {value!r}"
@@ -236,6 +275,7 @@ class Client:
         finally:  # the caller's model keeps its modes (simulate sets the client's)
             for m, mode in modes:
                 m.training = mode
+        start = dict(victim.named_buffers())
         return Update(
             [t.detach() for t in tensors],
             names,
@@ -249,8 +289,13 @@ class Client:
                 "local_steps": self.steps_for(len(images)),
                 "local_batch_size": self.local_batch_size,
                 "train_mode": self.train_mode,
+                "momentum": self.momentum,
+                "weight_decay": self.weight_decay,
+                "image_shape": list(images.shape[1:]),
                 **meta,
             },
+            # Under aggregation the server sees no single client's buffers.
+            buffer_changes={n: b - start[n] for n, b in buffers.items()} if self.num_clients == 1 else {},
         )
 
     @property
@@ -313,7 +358,8 @@ class Client:
         dp: DPSGD,
         generator: torch.Generator | None,
     ) -> list[Tensor]:
-        """One client's DP-SGD update through Opacus: ``GradSampleModule`` and ``DPOptimizer`` over plain SGD."""
+        """One client's DP-SGD update through Opacus: ``GradSampleModule`` and ``DPOptimizer`` over the client's
+        local SGD (weight decay and momentum act on the private gradient, as ``torch.optim.SGD`` does)."""
         from .defenses import _opacus
 
         GradSampleModule = _opacus("opacus", "GradSampleModule")
@@ -334,8 +380,9 @@ class Client:
         num_images = images.shape[0]
         fedsgd = self.protocol == "fedsgd"
         b = num_images if fedsgd else min(self.local_batch_size or num_images, num_images)
+        local = dict(lr=self.local_lr, momentum=self.momentum, weight_decay=self.weight_decay)
         optimizer = dp.optimizer(
-            torch.optim.SGD(model.parameters(), lr=1.0 if fedsgd else self.local_lr), b, generator
+            torch.optim.SGD(model.parameters(), **({"lr": 1.0} if fedsgd else local)), b, generator
         )
         start = [p.detach().clone() for p in model.parameters()]
         try:
@@ -377,6 +424,7 @@ class Client:
         images: Tensor,
         labels: Tensor,
         only: Sequence[int] | None = None,
+        seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
         """The update as a differentiable function of ``images`` (and soft ``labels``).
 
@@ -387,6 +435,11 @@ class Client:
             images: ``(B, C, H, W)`` in the victim's normalised input space.
             labels: ``(B,)`` class indices, or ``(B, K)`` soft-label logits.
             only: indices of the parameters whose update is wanted (all if ``None``).
+            seen: filled with what the client's first forward pass saw, for image priors (see
+                :mod:`lightning_inversion.priors`): pass ``{"batchnorm_statistics": {}}`` to get, per BatchNorm
+                layer name, the ``(mean, var)`` of its input (``var`` biased, over batch and spatial axes),
+                differentiable in ``images``. Under aggregation, over all clients' images. ``None``: nothing
+                recorded, at no cost.
 
         Returns:
             The update tensors, one per requested parameter (the average over clients under aggregation).
@@ -396,12 +449,15 @@ class Client:
         with EvalBatchNormAsAffine() if written_out else contextlib.nullcontext():
             if self.num_clients > 1:
                 per_client = self.split(images.shape[0])
+                each = [None if seen is None else {k: {} for k in seen} for _ in range(self.num_clients)]
                 updates = [
-                    self._simulate_one(victim, params, buffers, x, y, only)
-                    for x, y in zip(images.split(per_client), labels.split(per_client), strict=True)
+                    self._simulate_one(victim, params, buffers, x, y, only, s)
+                    for x, y, s in zip(images.split(per_client), labels.split(per_client), each, strict=True)
                 ]
+                if seen is not None and BATCHNORM_STATISTICS in seen:
+                    seen[BATCHNORM_STATISTICS].update(_pooled([s[BATCHNORM_STATISTICS] for s in each]))
                 return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
-            return self._simulate_one(victim, params, buffers, images, labels, only)
+            return self._simulate_one(victim, params, buffers, images, labels, only, seen)
 
     def _simulate_one(
         self,
@@ -411,14 +467,15 @@ class Client:
         images: Tensor,
         labels: Tensor,
         only: Sequence[int] | None,
+        seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
         if not self.defenses:
-            return self._local_update(victim, params, buffers, images, labels, only, None)
+            return self._local_update(victim, params, buffers, images, labels, only, None, seen)
         # The attacker's face of the defenses: their rules, no draws. Clipping and pruning look at every tensor,
         # so the whole update is computed before the compared tensors are picked.
         self._check_defenses(victim)
         dp = self.dpsgd
-        tensors = self._local_update(victim, params, buffers, images, labels, None, dp)
+        tensors = self._local_update(victim, params, buffers, images, labels, None, dp, seen)
         for defense in self.defenses:
             if defense is not dp:
                 tensors = defense.simulate(tensors)
@@ -433,21 +490,26 @@ class Client:
         labels: Tensor,
         only: Sequence[int] | None,
         dp: DPSGD | None,
+        seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
         """One client's undefended update, or with ``dp`` its DP-SGD update without the noise (per-example
         gradients by ``vmap``, clipped as Opacus clips them)."""
         names = list(params)
         wanted = range(len(names)) if only is None else only
+        statistics = None if seen is None else seen.get(BATCHNORM_STATISTICS)
 
-        def loss_at(p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor]) -> Tensor:
-            return cross_entropy(functional_call(victim, (p, b), (x,)), y)
+        def loss_at(
+            p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor], record: bool
+        ) -> tuple[Tensor, dict]:
+            found: dict = {}
+            with _batchnorm_inputs(victim, found if record else None):
+                return cross_entropy(functional_call(victim, (p, b), (x,)), y), found
 
-        def gradient(p: dict[str, Tensor], x: Tensor, y: Tensor, expected: int) -> dict[str, Tensor]:
-            if dp is None:
-                return torch.func.grad(loss_at)(p, x, y, buffers)
+        def private_gradient(p: dict[str, Tensor], x: Tensor, y: Tensor, expected: int) -> dict[str, Tensor]:
+            """DP-SGD's gradient without its noise: per-example gradients, clipped, summed, over ``expected``."""
 
             def loss_of_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-                return loss_at(p, xi[None], yi[None], buffers)
+                return loss_at(p, xi[None], yi[None], buffers, False)[0]
 
             per_example = torch.func.vmap(torch.func.grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
             clipped = dp.clip_and_average([per_example[n] for n in names], expected)  # (B, *shape) each
@@ -455,7 +517,9 @@ class Client:
 
         if self.protocol == "fedsgd":
             if dp is not None:
-                grads = gradient(params, images, labels, images.shape[0])
+                if statistics is not None:  # what the batch's forward pass shows the priors
+                    statistics.update(loss_at(params, images, labels, buffers, True)[1])
+                grads = private_gradient(params, images, labels, images.shape[0])
                 return [grads[names[i]] for i in wanted]
             # Differentiate only the tensors the attack compares: the rest are constants of this function.
             grad_names = [names[i] for i in wanted]
@@ -463,15 +527,21 @@ class Client:
             fixed = {n: params[n] for n in names if n not in chosen}
             if _plain_autograd_applies(images, labels, [params[n] for n in grad_names]):
                 selected = {n: params[n] for n in grad_names}
-                return _autograd_update(victim, fixed, selected, buffers, images, labels)
+                with _batchnorm_inputs(victim, statistics):
+                    return _autograd_update(victim, fixed, selected, buffers, images, labels)
 
             # The buffers are an argument, not captured: training-mode BatchNorm updates them in place, which
-            # torch.func allows only on the transformed function's inputs.
-            def loss_of(selected: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-                logits = functional_call(victim, ({**fixed, **selected}, b), (images,))
-                return cross_entropy(logits, labels)
+            # torch.func allows only on the transformed function's inputs. What the pass saw leaves the
+            # transform as its auxiliary output.
+            def loss_of(selected: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[Tensor, dict]:
+                found: dict = {}
+                with _batchnorm_inputs(victim, None if statistics is None else found):
+                    logits = functional_call(victim, ({**fixed, **selected}, b), (images,))
+                return cross_entropy(logits, labels), found
 
-            grads = torch.func.grad(loss_of)({n: params[n] for n in grad_names}, buffers)
+            grads, found = torch.func.grad(loss_of, has_aux=True)({n: params[n] for n in grad_names}, buffers)
+            if statistics is not None:
+                statistics.update(found)
             return [grads[n] for n in grad_names]
 
         num_images = images.shape[0]
@@ -479,10 +549,25 @@ class Client:
         num_batches = math.ceil(num_images / b)
         current = dict(params)
         change = {n: torch.zeros_like(p) for n, p in params.items()}
+        velocity: dict[str, Tensor] | None = None  # torch.optim.SGD's momentum buffer
         for step in range(self.steps_for(num_images)):
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
-            grads = gradient(current, x, y, min(b, num_images))
+            first = step == 0 and statistics is not None
+            if dp is None:
+                grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
+            else:
+                grads = private_gradient(current, x, y, min(b, num_images))
+                found = loss_at(current, x, y, buffers, True)[1] if first else {}
+            if first:
+                statistics.update(found)
+            if self.weight_decay:
+                grads = {n: grads[n] + self.weight_decay * current[n] for n in names}
+            if self.momentum:
+                velocity = (
+                    grads if velocity is None else {n: self.momentum * velocity[n] + grads[n] for n in names}
+                )
+                grads = velocity
             change = {n: change[n] - self.local_lr * grads[n] for n in names}
             current = {n: params[n] + change[n] for n in names}
         out = change if self.send == "delta" else current
@@ -528,7 +613,12 @@ def recorded_options(update: Update) -> dict:
     meta = update.meta
     if isinstance(meta.get("train_mode"), bool):
         options["train_mode"] = meta["train_mode"]
+    elif update.buffers_moved:  # BatchNorm's running statistics move only in training mode
+        options["train_mode"] = True
     if options.get("protocol") == "fedavg" and meta.get("protocol") == "fedavg":
+        for name in ("momentum", "weight_decay"):
+            if isinstance(meta.get(name), (int, float)) and not isinstance(meta[name], bool):
+                options[name] = float(meta[name])
         if _whole(meta.get("local_steps")):
             options["local_steps"] = int(meta["local_steps"])
         if isinstance(meta.get("local_lr"), (int, float)) and not isinstance(meta["local_lr"], bool):
@@ -575,6 +665,46 @@ def update_problem(update: Update, victim: nn.Module | None = None) -> str | Non
         if bool((labels < 0).any()):
             return f"labels must be class indices >= 0, got {labels.tolist()}"
     return None
+
+
+@contextlib.contextmanager
+def _batchnorm_inputs(victim: nn.Module, into: dict | None):
+    """Record into ``into``, per BatchNorm layer name, the ``(mean, biased var)`` of the layer's first input over
+    its batch and spatial axes (``None``: record nothing, register nothing)."""
+    if into is None:
+        yield
+        return
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in into:
+                x = args[0].float()
+                axes = [0, *range(2, x.dim())]
+                into[name] = (x.mean(axes), x.var(axes, correction=0))
+
+        return record
+
+    handles = [
+        module.register_forward_pre_hook(hook(name))
+        for name, module in victim.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pooled(per_client: list[dict[str, tuple[Tensor, Tensor]]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Mean and biased variance over equal-sized client batches, from each batch's own."""
+    pooled = {}
+    for name in per_client[0]:
+        means = torch.stack([s[name][0] for s in per_client])
+        squares = torch.stack([s[name][1] + s[name][0] ** 2 for s in per_client])
+        mean = means.mean(0)
+        pooled[name] = (mean, squares.mean(0) - mean**2)
+    return pooled
 
 
 def _has_batchnorm(victim: nn.Module) -> bool:

@@ -38,12 +38,13 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
-from .attack import GradientInversion, lightning_notices_silenced
+from .attack import GradientInversion
 from .cli import StopOnSignal
 from .client import Client
 from .data import VisionData
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
+from .notices import lightning_notices_silenced
 from .report import InversionReport, OutputFolderError, check_writable, draw_rows
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def evaluate_targets(
             that the data's own selection (``target_indices``, else ``num_images`` from ``start_index``).
         num_targets: how many targets when ``targets`` is not given.
         attack_options: :class:`~lightning_inversion.attack.GradientInversion` arguments (``restarts``,
-            ``cost``, ``tv``, ``optimizer``, ``label_strategy``, ...), the same for every target. The data
+            ``objective``, ``tv``, ``optimizer``, ``label_strategy``, ...), the same for every target. The data
             decides ``num_classes``, ``image_shape``, ``mean`` and ``std``; each target is one image.
         client: the client's protocol (FedSGD in eval mode by default).
         trainer_kwargs: Lightning ``Trainer`` arguments (``max_steps``, ``precision``, ``accelerator``, ...)
@@ -294,8 +295,8 @@ def _attack_one(
         "mse": measured["mse"],
         "feature_mse": measured.get("feature_mse"),
         "label_accuracy": measured.get("label_accuracy"),
-        "seconds": result.stats.get("seconds") or wall,
-        "chosen_restart": result.stats.get("chosen_restart"),
+        "seconds": result.seconds or wall,
+        "chosen_restart": result.chosen_restart,
         "error": None,
     }
     return row, result.images.float().cpu(), truth

@@ -8,15 +8,17 @@
   in Federated Learning" (PETS 2022), in the robust form documented in :func:`batch_label_counts`.
 
 Used by the attack of Geiping et al., "Inverting Gradients — How easy is it to break privacy in federated
-learning?" (NeurIPS 2020) when the labels are not shared. Nothing here imports Lightning.
+learning?" (NeurIPS 2020) when the labels are not shared; the attack chooses how by a :class:`LabelStrategy`.
+Nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_inversion.client import UpdateKind
+from lightning_inversion.analytic import last_layer_update
+from lightning_inversion.client import Update, UpdateKind
 
 _REFINE_ROUNDS = 8
 
@@ -206,3 +208,102 @@ def _fit(signal: Tensor, counts: Tensor) -> tuple[Tensor, Tensor] | None:
     if float(beta) <= 0:
         return None
     return alpha, beta
+
+
+class LabelStrategy:
+    """How the attack gets the labels of the client's images, chosen in YAML by ``class_path`` (or a short name).
+
+    :meth:`labels` returns the hard labels ``(B,)`` the attack uses, or ``None`` when the labels are optimised
+    with the images (:attr:`soft`).
+    """
+
+    #: The name reported in the results (``labels_from``).
+    name = ""
+    #: Whether the labels are soft-label logits optimised jointly with the images (DLG).
+    soft = False
+
+    def resolve(self, update: Update | None, num_images: int) -> LabelStrategy:
+        """The strategy that applies to ``update`` (itself, except for :class:`AutoLabels`)."""
+        return self
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> Tensor | None:
+        """The labels of the client's ``num_images`` images.
+
+        Raises:
+            ValueError: the strategy cannot recover labels from this update or victim (the message says why).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GivenLabels(LabelStrategy):
+    """The labels the client shared with its update. Short name ``given``."""
+
+    name = "given"
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> Tensor:
+        if update.labels is None:
+            raise ValueError(
+                "the labels are not known: pass them with the update, or choose label_strategy "
+                "'idlg' (one image), 'batch' or 'dlg'"
+            )
+        if update.labels.shape != (num_images,):
+            raise ValueError(f"labels of shape {tuple(update.labels.shape)}, expected ({num_images},)")
+        return update.labels.long()
+
+
+class IDLG(LabelStrategy):
+    """The label of one image from the last layer's update (:func:`idlg_label`). Short name ``idlg``."""
+
+    name = "idlg"
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> Tensor:
+        if num_images != 1:
+            raise ValueError("iDLG recovers the label of one image; use label_strategy 'batch' for B > 1")
+        weight, _ = last_layer_update(victim, update, num_classes)
+        return torch.tensor([idlg_label(weight, update.kind)])
+
+
+class BatchCounts(LabelStrategy):
+    """The labels of a batch, duplicates included, from the last layer's update (:func:`batch_label_counts`).
+    Short name ``batch``."""
+
+    name = "batch"
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> Tensor:
+        weight, bias = last_layer_update(victim, update, num_classes)
+        return batch_label_counts(weight, bias, num_images, update.kind)
+
+
+class SoftLabels(LabelStrategy):
+    """DLG (Zhu, Liu, Han 2019): soft-label logits, one per image and restart, optimised with the images.
+    Short name ``dlg``."""
+
+    name = "dlg"
+    soft = True
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> None:
+        return None
+
+
+class AutoLabels(LabelStrategy):
+    """:class:`GivenLabels` when the update carries labels, else :class:`IDLG` for one image and
+    :class:`BatchCounts` for several. Short name ``auto``."""
+
+    name = "auto"
+
+    def resolve(self, update: Update | None, num_images: int) -> LabelStrategy:
+        if update is not None and update.labels is not None:
+            return GivenLabels()
+        return IDLG() if num_images == 1 else BatchCounts()
+
+    def labels(self, update: Update, victim: nn.Module, num_images: int, num_classes: int) -> Tensor | None:
+        return self.resolve(update, num_images).labels(update, victim, num_images, num_classes)
+
+
+#: The short names of the label strategies, as configs give them (``label_strategy: dlg``).
+LABEL_STRATEGIES: dict[str, type[LabelStrategy]] = {
+    cls.name: cls for cls in (AutoLabels, GivenLabels, IDLG, BatchCounts, SoftLabels)
+}

@@ -1,8 +1,9 @@
-"""Gradient-matching costs and image priors of the attack.
+"""Gradient-matching costs of the attack, and the objectives chosen in YAML that use them.
 
 Geiping, Bauermeister, Dröge, Moeller, "Inverting Gradients — How easy is it to break privacy in federated
 learning?", NeurIPS 2020: one global cosine over the selected gradient tensors plus total variation. The
-DLG-lineage costs (``l2``, ``l1``, ``max``, ``simlocal``) are offered beside it.
+DLG-lineage costs (``l2``, ``l1``, ``max``, ``simlocal``) are offered beside it. The image priors (total
+variation among them) are in :mod:`lightning_inversion.priors`.
 
 Every cost here is batched over a leading *restart* axis: dummy gradients come as ``(R, *shape)`` per tensor and
 the cost as ``(R,)``, so restarts never run in a Python loop. Nothing here imports Lightning.
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from jsonargparse.typing import PositiveInt
+from torch import Tensor
 
 Cost = Literal["sim", "l2", "l1", "max", "simlocal"]
 LayerSelection = Literal["all", "first", "last", "topk", "list"]
@@ -178,8 +180,11 @@ def matching_cost(
     raise ValueError(f"unknown cost {cost!r}")
 
 
-class GradientMatching(nn.Module):
+class GradientMatching:
     """The matching cost against one fixed target, with the target's selection, weights and norms prepared once.
+
+    A plain object, not an ``nn.Module``: the attack holds it as an attribute, and DDP never broadcasts the target
+    gradient as a buffer.
 
     Args:
         target: the target gradient or update, one tensor per victim parameter (in ``parameters()`` order).
@@ -202,40 +207,32 @@ class GradientMatching(nn.Module):
         weighting: LayerWeighting = "equal",
         flat: bool = False,
     ) -> None:
-        super().__init__()
         self.cost = cost
         self.flat = flat and cost == "sim"
         self.indices = select_layers(target, selection, k, indices)
         all_weights = layer_weights(len(target), weighting)
         self.weights = [all_weights[i] for i in self.indices]
-        for j, i in enumerate(self.indices):
-            t = target[i].detach().float()
-            self.register_buffer(f"target_{j}", t, persistent=False)
-            self.register_buffer(f"target_sq_{j}", t.pow(2).sum(), persistent=False)
+        self.targets = [target[i].detach().float() for i in self.indices]
+        self.target_sq_norms = [t.pow(2).sum() for t in self.targets]
         if self.flat:  # one concatenated vector: see _flat_cosine_cost
-            selected = [target[i].detach().float().flatten() for i in self.indices]
-            weighted = torch.cat([w * t for w, t in zip(self.weights, selected, strict=True)])
-            self.register_buffer("flat_target", weighted, persistent=False)
+            selected = [t.flatten() for t in self.targets]
+            self.flat_target = torch.cat([w * t for w, t in zip(self.weights, selected, strict=True)])
             total = sum(w * t.pow(2).sum() for w, t in zip(self.weights, selected, strict=True))
-            self.register_buffer("target_norm", torch.as_tensor(total).sqrt(), persistent=False)
-            per_entry = [torch.full((t.numel(),), w) for w, t in zip(self.weights, selected, strict=True)]
-            weights = torch.cat(per_entry) if any(w != 1.0 for w in self.weights) else None
-            self.register_buffer("flat_weights", weights, persistent=False)
+            self.target_norm = torch.as_tensor(total).sqrt()
+            per_entry = [
+                torch.full((t.numel(),), w, device=t.device)
+                for w, t in zip(self.weights, selected, strict=True)
+            ]
+            self.flat_weights = torch.cat(per_entry) if any(w != 1.0 for w in self.weights) else None
 
-    @property
-    def targets(self) -> list[Tensor]:
-        return [getattr(self, f"target_{j}") for j in range(len(self.indices))]
-
-    @property
-    def target_sq_norms(self) -> list[Tensor]:
-        return [getattr(self, f"target_sq_{j}") for j in range(len(self.indices))]
-
-    def forward(self, dummy: Sequence[Tensor]) -> Tensor:
+    def __call__(self, dummy: Sequence[Tensor]) -> Tensor:
         """``dummy``: one ``(R, *shape)`` tensor per *selected* parameter. Returns ``(R,)`` costs in fp32."""
         if self.flat:
             return self._flat_cosine_cost(dummy)
         dummy = [g if g.dtype == torch.float32 else g.float() for g in dummy]
         return matching_cost(dummy, self.targets, self.weights, self.cost, self.target_sq_norms)
+
+    forward = __call__
 
     def _flat_cosine_cost(self, dummy: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
         """``sim`` over one concatenated ``(R, N)`` vector: the same value as :func:`matching_cost`.
@@ -256,15 +253,86 @@ class GradientMatching(nn.Module):
         return 1 - dots / norms.clamp_min(eps)
 
 
-def total_variation(images: Tensor) -> Tensor:
-    """Anisotropic total variation per leading index: ``(R, ..., H, W) -> (R,)``.
+class MatchingObjective:
+    """The gradient-matching objective of the attack, chosen in YAML by ``class_path``: what is compared and how.
 
-    ``mean|x[..., :, 1:] − x[..., :, :-1]| + mean|x[..., 1:, :] − x[..., :-1, :]|``, means over all elements of
-    each restart.
+    Subclasses fix the cost; the options here choose the compared gradient tensors and their weights.
+
+    Args:
+        layers: which gradient tensors to compare: ``all``, ``first``/``last`` k, ``topk`` k by target-gradient
+            norm, or an explicit ``list``.
+        k: k for ``first``, ``last`` and ``topk``.
+        indices: the tensor indices for ``layers: list`` (negative ones count from the end).
+        weighting: weights of the compared tensors: ``equal``, ``linear`` ((L−i)/L) or ``exp`` (e^−i).
     """
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
-    return dx.reshape(dx.shape[0], -1).mean(1) + dy.reshape(dy.shape[0], -1).mean(1)
+
+    cost: Cost = "sim"
+
+    def __init__(
+        self,
+        layers: LayerSelection = "all",
+        k: PositiveInt | None = None,
+        indices: list[int] | None = None,
+        weighting: LayerWeighting = "equal",
+    ) -> None:
+        if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
+            raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+        self.layers = layers
+        self.k = None if k is None else int(k)
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self.weighting = weighting
+
+    def bind(self, target: Sequence[Tensor], flat: bool = False) -> GradientMatching:
+        """The objective against one target update, its selection and norms prepared once.
+
+        Raises:
+            ValueError: a layer selection that does not fit the target.
+        """
+        return GradientMatching(target, self.cost, self.layers, self.k, self.indices, self.weighting, flat)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+
+class Cosine(MatchingObjective):
+    """1 − one global weighted cosine over all compared tensors (Geiping et al. 2020). Short name ``sim``."""
+
+    cost = "sim"
+
+
+class LocalCosine(MatchingObjective):
+    """Σᵢ 1 − wᵢ cos(gᵢ, g*ᵢ): one cosine per compared tensor. Short name ``simlocal``."""
+
+    cost = "simlocal"
+
+
+class L2(MatchingObjective):
+    """Σᵢ wᵢ‖gᵢ − g*ᵢ‖², the cost of DLG (Zhu et al. 2019). Short name ``l2``."""
+
+    cost = "l2"
+
+
+class L1(MatchingObjective):
+    """Σᵢ wᵢ‖gᵢ − g*ᵢ‖₁. Short name ``l1``."""
+
+    cost = "l1"
+
+
+class MaxDifference(MatchingObjective):
+    """Σᵢ wᵢ max|gᵢ − g*ᵢ|. Short name ``max``."""
+
+    cost = "max"
+
+
+#: The short names of the objectives, as configs give them (``cost: l2``).
+OBJECTIVES: dict[str, type[MatchingObjective]] = {
+    "sim": Cosine,
+    "simlocal": LocalCosine,
+    "l2": L2,
+    "l1": L1,
+    "max": MaxDifference,
+}
 
 
 def decay_milestones(max_steps: int) -> list[int]:

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from .analytic import find_linear_layers
 from .attack import GradientInversion, Reconstruction, dummy_images_as_pixels
 from .images import normalize
 from .metrics import LPIPSMetric, evaluate, match_to_truth, psnr, ssim
@@ -377,7 +378,7 @@ class InversionReport(pl.Callback):
 
     def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
-        metrics: dict = {"attack": dict(result.stats), "labels": result.labels.tolist()}
+        metrics: dict = {"attack": result.stats(), "labels": result.labels.tolist()}
         update = getattr(pl_module, "update", None)
         if update is not None and update.meta.get("defenses"):  # the client's defenses and the ε they spend
             metrics["defenses"] = list(update.meta["defenses"])
@@ -402,7 +403,7 @@ class InversionReport(pl.Callback):
 
     def _feature_error(self, pl_module: GradientInversion) -> float:
         """Max abs error of the closed-form features against the true input of that layer (first image)."""
-        name, _ = pl_module.analytic_layer
+        name = find_linear_layers(pl_module.victim)[0][0]
         seen = []
         layer = pl_module.victim.get_submodule(name)
         handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
@@ -420,7 +421,7 @@ class InversionReport(pl.Callback):
                 "images": result.images,
                 "labels": result.labels,
                 "restarts": result.restarts,
-                "stats": result.stats,
+                "stats": result.stats(),
             },
             folder / "reconstruction.pt",
         )
@@ -431,8 +432,8 @@ class InversionReport(pl.Callback):
                 result.images,
                 self.truth,
                 restarts,
-                result.stats["scores"],
-                result.stats["chosen_restart"],
+                result.scores,
+                result.chosen_restart,
             )
         if self.history[
             "step"
@@ -442,12 +443,11 @@ class InversionReport(pl.Callback):
         self.directory = folder
 
     def _summarize(self, result: Reconstruction, folder: Path | None) -> None:
-        stats = result.stats
         lines = [
-            f"Reconstructed {tuple(result.images.shape)} in {stats['steps']} steps, {stats['seconds']:.1f} s"
+            f"Reconstructed {tuple(result.images.shape)} in {result.steps} steps, {result.seconds:.1f} s"
         ]
-        if stats["chosen_restart"] is not None:
-            lines.append(f"  chosen restart {stats['chosen_restart']} of {len(stats['scores'])}")
+        if result.chosen_restart is not None:
+            lines.append(f"  chosen restart {result.chosen_restart} of {len(result.scores)}")
         m = self.metrics or {}
         if "psnr" in m:
             parts = [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]

@@ -12,6 +12,7 @@ from lightning_inversion.attack import GradientInversion, dummy_images_as_pixels
 from lightning_inversion.client import Client
 from lightning_inversion.images import normalize
 from lightning_inversion.metrics import psnr
+from lightning_inversion.restarts import PixelMean
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 THRESHOLD_DB = 17.0
@@ -51,7 +52,7 @@ def test_reconstruction_quality_beats_init_and_a_broken_objective(tiny_victim, c
     assert result.images.shape == (1, 3, 16, 16)
     assert 0 <= result.images.min() and result.images.max() <= 1
     assert result.metrics["psnr"] > THRESHOLD_DB
-    assert result.stats["steps"] == 300 and result.stats["chosen_restart"] == 0
+    assert result.steps == 300 and result.chosen_restart == 0
     # Neither the initial images nor the wrong sign get there.
     broken = GradientInversion(
         tiny_victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, tv=1e-4
@@ -102,7 +103,7 @@ def test_batched_restarts_equal_separate_runs_over_the_first_steps(tiny_victim, 
     for r in range(3):
         single = fit(make_attack(tiny_victim, cat16, restarts=1, seed=5 + r, tv=1e-4), steps=15)
         assert torch.allclose(batched.restarts[r], single.restarts[0], atol=1e-5), r
-        assert batched.stats["scores"][r] == pytest_approx(single.stats["scores"][0])
+        assert batched.scores[r] == pytest_approx(single.scores[0])
 
 
 @pytest.mark.slow
@@ -131,14 +132,14 @@ def test_a_nan_restart_and_a_restart_that_never_ran_never_win(tiny_victim, cat16
         attack.dummy_images[1] = math.nan
         attack.dummy_images[2] = normalize(cat16, MEAN, STD)  # a perfect restart...
     result = attack.reconstruct_result()
-    assert result.stats["chosen_restart"] == 2  # ... wins while it has run
-    assert math.isinf(result.stats["scores"][1])
+    assert result.chosen_restart == 2  # ... wins while it has run
+    assert math.isinf(result.scores[1])
     attack.restart_steps[2] = 0  # ... and must not win once it has never run
     result = attack.reconstruct_result()
-    assert result.stats["chosen_restart"] == 0
-    assert math.isinf(result.stats["scores"][2])
+    assert result.chosen_restart == 0
+    assert math.isinf(result.scores[2])
     attack.restart_steps[0] = 0
-    assert attack.reconstruct_result().stats["chosen_restart"] is None  # nothing valid: no winner at all
+    assert attack.reconstruct_result().chosen_restart is None  # nothing valid: no winner at all
 
 
 def test_mean_and_median_combine_only_valid_restarts(tiny_victim, cat16):
@@ -149,7 +150,7 @@ def test_mean_and_median_combine_only_valid_restarts(tiny_victim, cat16):
     result = attack.reconstruct_result()
     valid = result.restarts[[0, 2]]
     assert torch.allclose(result.images, valid.median(0).values)
-    attack.restart_selection = "mean"
+    attack.restart_selection = PixelMean()
     assert torch.allclose(attack.reconstruct_result().images, valid.mean(0))
 
 

@@ -102,6 +102,8 @@ def SLOW(*case):  # noqa: N802 - reads like a marker in the table
     return (*case, True)
 
 
+COSINE = ["--model.objective=Cosine"]
+
 # (id, extra arguments, what the message must name[, slow]). {name} is replaced with the path of files[name].
 CASES = [
     # values, refused by the parser's types
@@ -110,7 +112,16 @@ CASES = [
     ("lr 0", ["--model.lr=0"], ["model.lr"]),
     ("tv negative", ["--model.tv=-1"], ["model.tv"]),
     SLOW("median filter negative", ["--model.median_filter_every=-1"], ["model.median_filter_every"]),
-    ("layers_k 0", ["--model.layers=first", "--model.layers_k=0"], ["model.layers_k"]),
+    (
+        "objective k 0",
+        [*COSINE, "--model.objective.layers=first", "--model.objective.k=0"],
+        ["model.objective.k"],
+    ),
+    SLOW(
+        "prior weight negative",
+        ["--model.priors+=TotalVariation", "--model.priors.weight=-1"],
+        ["priors.weight"],
+    ),
     ("image_size 0", ["--data.image_size=0"], ["image_size"]),
     SLOW("num_images 0", ["--data.target_indices=null", "--data.num_images=0"], ["num_images"]),
     ("negative target index", ["--data.target_indices=[-1]"], ["target_indices"]),
@@ -142,8 +153,12 @@ CASES = [
         ["num_clients=3"],
     ),
     ("unknown victim", ["--model.victim=ConvNet"], ["victim", "ConvNet-16"]),
-    ("layer index out of range", ["--model.layers=list", "--model.layer_indices=[99]"], ["layers", "99"]),
-    SLOW("layer selection without k", ["--model.layers=first"], ["layers", "k >= 1"]),
+    (
+        "layer index out of range",
+        [*COSINE, "--model.objective.layers=list", "--model.objective.indices=[99]"],
+        ["layers", "99"],
+    ),
+    SLOW("layer selection without k", [*COSINE, "--model.objective.layers=first"], ["layers", "k >= 1"]),
     SLOW(
         "idlg on two images",
         ["--data.target_indices=[0,1]", "--model.label_strategy=idlg"],

@@ -154,9 +154,13 @@ def test_options_that_contradict_the_checkpoint_are_refused(attack_run, tmp_path
         f"--trainer.default_root_dir={tmp_path}",
         f"--ckpt_path={ckpt}",
     ]
-    for option, value in [("victim", "ConvNet-16"), ("tv", "0.5"), ("restarts", "2"), ("cost", "l2")]:
+    for option, value in [("victim", "ConvNet-16"), ("tv", "0.5"), ("restarts", "2")]:
         code, err = run_script(monkeypatch, capsys, [*argv, f"--model.{option}={value}"])
         assert_refused(code, err, str(ckpt), f"--model.{option} {value}")
+
+    # A part given as a class is compared with the checkpoint's record of its parts.
+    code, err = run_script(monkeypatch, capsys, [*argv, "--model.objective=L2"])
+    assert_refused(code, err, str(ckpt), "objective")
 
     # Left out, an option continues with the checkpoint's value, and config.yaml records that value.
     without_tv = [a for a in argv if not a.startswith("--model.tv")]

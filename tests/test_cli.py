@@ -62,7 +62,7 @@ def test_overrides_reach_the_module(tmp_path):
             "--config",
             str(ROOT / "configs/demo.yaml"),
             "--model.restarts=2",
-            "--model.cost=l2",
+            "--model.objective=l2",
             "--model.victim=LeNet-Zhu",
             "--data.init_args.target_indices=[0, 1]",
             "--trainer.max_steps=2",
@@ -71,12 +71,12 @@ def test_overrides_reach_the_module(tmp_path):
         ]
     )
     assert cli.model.dummy_images.shape == (2, 2, 3, 32, 32)
-    assert cli.model.cost == "l2" and cli.model.num_classes == 8
+    assert cli.model.objective.cost == "l2" and cli.model.num_classes == 8
 
 
 def test_a_typo_fails_at_parse_time(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--model.cost=cosine", "--print_config"])
+        main(["fit", "--model.objective=cosine", "--print_config"])
     assert exit_info.value.code != 0
     assert "simlocal" in capsys.readouterr().err
 
@@ -138,6 +138,6 @@ def test_lbfgs_reports_optimizer_steps_not_closure_evaluations(tmp_path):
         ]
     )
     result = cli.model.reconstruction
-    assert result.stats["steps"] == 3 and result.stats["restart_steps"] == [3]
+    assert result.steps == 3 and result.restart_steps == [3]
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert metrics["attack"]["steps"] == 3

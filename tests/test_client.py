@@ -87,7 +87,7 @@ def test_the_attack_step_matches_the_fused_batch_norm(bn_victim, restarts):
     def step() -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         attack = GradientInversion(bn_victim, num_classes=4, image_shape=(3, 16, 16), restarts=restarts)
         attack.set_target(update)
-        attack.on_fit_start()
+        attack.prepare()
         dummy = attack.dummy_update(attack.dummy_images, attack.target_labels)
         cost, tv = attack.restart_costs(attack.dummy_images, attack.target_labels)
         (image_grad,) = torch.autograd.grad((cost + 1e-2 * tv).sum(), attack.dummy_images)
@@ -108,7 +108,7 @@ def test_a_client_in_training_mode_keeps_the_fused_batch_norm(bn_victim):
         bn_victim, num_classes=4, image_shape=(3, 16, 16), num_images=2, client=Client(train_mode=True)
     )
     attack.set_target(update)
-    attack.on_fit_start()
+    attack.prepare()
     dummy = attack.dummy_update(attack.dummy_images, attack.target_labels)
     assert any("BatchNorm" in n for n in _graph_names(dummy))
 
@@ -141,7 +141,7 @@ def test_training_mode_restarts_batched_equal_separate(bn_victim, protocol):
         bn_victim, num_classes=4, image_shape=(3, 16, 16), num_images=2, restarts=3, client=client
     )
     attack.set_target(update)
-    attack.on_fit_start()
+    attack.prepare()
     batched = attack.dummy_update(attack.dummy_images, attack.target_labels)
     for r in range(3):
         single = attack.dummy_update(attack.dummy_images[r : r + 1], attack.target_labels)

@@ -252,7 +252,7 @@ def test_the_attacker_never_sees_the_clients_draw(defense, monkeypatch):
     attack.set_target(target)
     with _quiet_lightning():
         pl.Trainer(**{**QUIET_TRAINER, "max_steps": 2}).fit(attack)
-    assert attack.reconstruct_result().stats["steps"] == 2
+    assert attack.reconstruct_result().stats()["steps"] == 2
 
 
 @pytest.mark.parametrize("defense", [Prune(20.0), Quantize(2), ClipUpdate(1e-3)], ids=repr)

@@ -13,8 +13,8 @@ from lightning_inversion.objectives import (
     layer_weights,
     matching_cost,
     select_layers,
-    total_variation,
 )
+from lightning_inversion.priors import total_variation
 
 # Two "parameters": a vector and a 1×2 matrix; one restart (leading axis of size 1).
 DUMMY = [torch.tensor([[1.0, 2.0]]), torch.tensor([[[0.0, 1.0]]])]

@@ -193,7 +193,7 @@ def test_the_attack_runs_on_the_trained_victim(trained: InversionCLI, tmp_path: 
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(attack.model.victim(images), trained.model.victim.eval()(images))
-    assert attack.model.reconstruction.stats["steps"] == 3
+    assert attack.model.reconstruction.steps == 3
     # A checkpoint trained on other data is refused with a message naming the difference.
     with pytest.raises(TargetMismatchError, match="num_classes"):
         main(

@@ -59,8 +59,8 @@ def test_two_cpu_processes_equal_one(strategy, tmp_path):
     assert torch.allclose(parallel["restarts"], single.restarts, atol=1e-6)
     # Restarts stayed independent: no two are alike (plain DDP would have averaged them into one).
     assert all(not torch.allclose(parallel["restarts"][0], parallel["restarts"][r]) for r in range(1, 4))
-    assert parallel["stats"]["scores"] == pytest.approx(single.stats["scores"], rel=1e-2, abs=1e-6)
-    assert parallel["stats"]["chosen_restart"] == single.stats["chosen_restart"]
+    assert parallel["stats"]["scores"] == pytest.approx(single.scores, rel=1e-2, abs=1e-6)
+    assert parallel["stats"]["chosen_restart"] == single.chosen_restart
     assert parallel["stats"]["restart_steps"] == [5, 5, 5, 5]
     # Only rank 0 wrote: one logger version, one set of outputs, and the checkpoint at the end of the run.
     assert [p.name for p in (two / "lightning_logs").iterdir()] == ["version_0"]
@@ -230,7 +230,7 @@ def test_no_logger_still_runs_with_the_default_callbacks(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
     ]
     cli = main(["fit", *SMALL, "--trainer.max_steps=2", *off])
-    assert cli.model.reconstruction.stats["steps"] == 2
+    assert cli.model.reconstruction.steps == 2
 
 
 # --- determinism ----------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_same_seed_and_config_give_the_same_images(tiny_victim, cat16):
         runs.append(attack)
     assert torch.equal(runs[0].dummy_images, runs[1].dummy_images)
     assert torch.equal(runs[0].dummy_labels, runs[1].dummy_labels)
-    assert runs[0].reconstruction.stats["scores"] == runs[1].reconstruction.stats["scores"]
+    assert runs[0].reconstruction.scores == runs[1].reconstruction.scores
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
@@ -258,6 +258,6 @@ def test_bf16_mixed_with_several_restarts_and_batchnorm(cat16, train_mode):
         client=li.Client(train_mode=train_mode),
         trainer_kwargs={"precision": "bf16-mixed"},
     )
-    assert result.stats["restart_steps"] == [3, 3]
-    assert all(math.isfinite(s) for s in result.stats["scores"])
+    assert result.restart_steps == [3, 3]
+    assert all(math.isfinite(s) for s in result.scores)
     assert not torch.equal(result.restarts[0], result.restarts[1])
