@@ -109,6 +109,8 @@ def test_dpsgd_honest_and_simulated_agree_without_noise_on_a_batchnorm_victim(pr
     victim = build_victim("ConvNet-4", 10, (3, 16, 16)).eval()
     images, labels = _batch()
     options = dict(protocol=protocol, local_steps=3, local_lr=10.0, local_batch_size=3)
+    if protocol == "fedavg":  # the client's SGD: momentum and weight decay act on the private gradient
+        options.update(momentum=0.9, weight_decay=0.01)
     client = Client(**options, defenses=[DPSGD(noise_multiplier=0.0, max_grad_norm=1e-3)])
     honest = client.update(victim, images, labels)
     simulated = client.simulate(victim, *_state(victim), images, labels)
