@@ -1091,6 +1091,8 @@ _ALLOWED = {
     "NonNegativeFloat": "a number >= 0",
     "ClosedUnitInterval": "a number in [0, 1]",
     "OpenUnitInterval": "a number in (0, 1)",
+    "Percent": "a percentage in (0, 100]",  # lightning_inversion.defenses
+    "Bits": "a whole number from 1 to 16",
 }
 
 

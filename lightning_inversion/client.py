@@ -9,8 +9,10 @@ It is written with ``torch.func.functional_call`` and ``torch.func.grad``, so it
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
 
 UpdateKind = Literal["gradient", "delta", "weights"]
@@ -121,6 +124,8 @@ class Client:
             client computes its own update, and the server sees only their average.
         momentum: FedAvg: local SGD momentum (``torch.optim.SGD``'s; new each round).
         weight_decay: FedAvg: local SGD weight decay (``torch.optim.SGD``'s).
+        defenses: applied to the update in order (``lightning_inversion.defenses``); the attacker knows their
+            rules, never their noise.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class Client:
         num_clients: PositiveInt = 1,
         momentum: NonNegativeFloat = 0.0,
         weight_decay: NonNegativeFloat = 0.0,
+        defenses: list[Defense] | None = None,
     ) -> None:
         # The command line refuses these through the types; from Python the same rules hold here.
         for name, value in (
@@ -168,6 +174,7 @@ class Client:
         self.num_clients = int(num_clients)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
+        self.defenses = _checked_defenses(defenses)
 
     @property
     def kind(self) -> UpdateKind:
@@ -246,14 +253,21 @@ class Client:
         return self if adopted == mine else Client(**adopted)
 
     def update(self, victim: nn.Module, images: Tensor, labels: Tensor) -> Update:
-        """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,)."""
+        """Compute the update this client shares for its private ``images`` (B, C, H, W) and ``labels`` (B,).
+
+        With defenses, this is the honest face: their noise is drawn from generators private to this call.
+        """
         names = [n for n, _ in victim.named_parameters()]
         params = {n: p.detach() for n, p in victim.named_parameters()}
         buffers = {n: b.detach().clone() for n, b in victim.named_buffers()}
         modes = [(m, m.training) for m in victim.modules()]
+        meta: dict = {}
         try:
             with torch.no_grad():
-                tensors = self.simulate(victim, params, buffers, images, labels)
+                if self.defenses:
+                    tensors = self._defended_update(victim, params, buffers, images, labels, meta)
+                else:
+                    tensors = self.simulate(victim, params, buffers, images, labels)
         finally:  # the caller's model keeps its modes (simulate sets the client's)
             for m, mode in modes:
                 m.training = mode
@@ -274,10 +288,129 @@ class Client:
                 "momentum": self.momentum,
                 "weight_decay": self.weight_decay,
                 "image_shape": list(images.shape[1:]),
+                **meta,
             },
             # Under aggregation the server sees no single client's buffers.
             buffer_changes={n: b - start[n] for n, b in buffers.items()} if self.num_clients == 1 else {},
         )
+
+    @property
+    def dpsgd(self) -> DPSGD | None:
+        """The client's DP-SGD defense, if any (it acts inside the local steps, before the other defenses)."""
+        return next((d for d in self.defenses if isinstance(d, DPSGD)), None)
+
+    def privacy(self, num_images: int) -> dict | None:
+        """The DP guarantee of one update of ``num_images`` images (ε from Opacus's accountant), or ``None``."""
+        dp = self.dpsgd
+        if dp is None:
+            return None
+        per_client = self.split(num_images)
+        if self.protocol == "fedsgd":
+            return dp.privacy(1.0, 1)
+        batch = min(self.local_batch_size or per_client, per_client)
+        return dp.privacy(batch / per_client, self.steps_for(per_client))
+
+    def _defended_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        meta: dict,
+    ) -> list[Tensor]:
+        """The honest face of the defenses: each client's update, defended with private draws, then averaged."""
+        dp = self.dpsgd
+        self._check_defenses(victim)
+        # One private generator per defense that draws, for this call only: never stored, never returned.
+        generators = {id(d): private_generator(d.seed, images.device) for d in self.defenses if d.draws}
+        victim.train(self.train_mode)
+        per_client = self.split(images.shape[0])
+        updates = []
+        for x, y in zip(images.split(per_client), labels.split(per_client), strict=True):
+            if dp is None:
+                written_out = not self.train_mode and _has_batchnorm(victim)
+                with EvalBatchNormAsAffine() if written_out else contextlib.nullcontext():
+                    tensors = self._local_update(victim, params, buffers, x, y, None, None)
+            else:
+                tensors = self._opacus_update(victim, params, buffers, x, y, dp, generators.get(id(dp)))
+            for defense in self.defenses:
+                if defense is not dp:
+                    tensors = defense.defend(tensors, generators.get(id(defense)))
+            updates.append(tensors)
+        meta["defenses"] = [d.describe() for d in self.defenses]
+        privacy = self.privacy(images.shape[0])
+        if privacy is not None:
+            meta["privacy"] = privacy
+        return [torch.stack(ts).mean(0) for ts in zip(*updates, strict=True)]
+
+    def _opacus_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        dp: DPSGD,
+        generator: torch.Generator | None,
+    ) -> list[Tensor]:
+        """One client's DP-SGD update through Opacus: ``GradSampleModule`` and ``DPOptimizer`` over the client's
+        local SGD (weight decay and momentum act on the private gradient, as ``torch.optim.SGD`` does)."""
+        from .defenses import _opacus
+
+        GradSampleModule = _opacus("opacus", "GradSampleModule")
+        model = copy.deepcopy(victim)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+                p.requires_grad_(True)
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        if not self.train_mode:  # training mode with BatchNorm is refused by _check_defenses
+            _constant_statistics(model)
+        # Opacus records activations only of modules in training mode: the layers with parameters are put in it
+        # (eval-mode BatchNorm is now a constant map), the others (dropout) keep the client's mode.
+        for module in model.modules():
+            module.training = self.train_mode or any(True for _ in module.parameters(recurse=False))
+        sampled = GradSampleModule(model)
+        num_images = images.shape[0]
+        fedsgd = self.protocol == "fedsgd"
+        b = num_images if fedsgd else min(self.local_batch_size or num_images, num_images)
+        local = dict(lr=self.local_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        optimizer = dp.optimizer(
+            torch.optim.SGD(model.parameters(), **({"lr": 1.0} if fedsgd else local)), b, generator
+        )
+        start = [p.detach().clone() for p in model.parameters()]
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Opacus's hooks on the first layer fire on outputs (the images need no gradient): as meant.
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                if fedsgd:
+                    optimizer.zero_grad()
+                    cross_entropy(sampled(images), labels).backward()
+                    optimizer.pre_step()  # clip, sum, noise, divide: p.grad is the DP gradient
+                    return [p.grad.detach().clone() for p in model.parameters()]
+                num_batches = math.ceil(num_images / b)
+                for step in range(self.steps_for(num_images)):
+                    i = step % num_batches
+                    optimizer.zero_grad()
+                    cross_entropy(
+                        sampled(images[i * b : (i + 1) * b]), labels[i * b : (i + 1) * b]
+                    ).backward()
+                    optimizer.step()
+        finally:
+            sampled._close()
+        weights = [p.detach().clone() for p in model.parameters()]
+        if self.send == "delta":
+            return [w - s for w, s in zip(weights, start, strict=True)]
+        return weights
+
+    def _check_defenses(self, victim: nn.Module) -> None:
+        if self.dpsgd is not None and self.train_mode and _has_batchnorm(victim):
+            raise InputError(
+                "the DPSGD defense needs per-example gradients, which BatchNorm in training mode does not have "
+                "(it mixes the examples of a batch): set client.train_mode false or use a victim without BatchNorm"
+            )
 
     def simulate(
         self,
@@ -332,11 +465,58 @@ class Client:
         only: Sequence[int] | None,
         seen: dict[str, dict] | None = None,
     ) -> list[Tensor]:
+        if not self.defenses:
+            return self._local_update(victim, params, buffers, images, labels, only, None, seen)
+        # The attacker's face of the defenses: their rules, no draws. Clipping and pruning look at every tensor,
+        # so the whole update is computed before the compared tensors are picked.
+        self._check_defenses(victim)
+        dp = self.dpsgd
+        tensors = self._local_update(victim, params, buffers, images, labels, None, dp, seen)
+        for defense in self.defenses:
+            if defense is not dp:
+                tensors = defense.simulate(tensors)
+        return tensors if only is None else [tensors[i] for i in only]
+
+    def _local_update(
+        self,
+        victim: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        images: Tensor,
+        labels: Tensor,
+        only: Sequence[int] | None,
+        dp: DPSGD | None,
+        seen: dict[str, dict] | None = None,
+    ) -> list[Tensor]:
+        """One client's undefended update, or with ``dp`` its DP-SGD update without the noise (per-example
+        gradients by ``vmap``, clipped as Opacus clips them)."""
         names = list(params)
         wanted = range(len(names)) if only is None else only
         statistics = None if seen is None else seen.get(BATCHNORM_STATISTICS)
 
+        def loss_at(
+            p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor], record: bool
+        ) -> tuple[Tensor, dict]:
+            found: dict = {}
+            with _batchnorm_inputs(victim, found if record else None):
+                return cross_entropy(functional_call(victim, (p, b), (x,)), y), found
+
+        def private_gradient(p: dict[str, Tensor], x: Tensor, y: Tensor, expected: int) -> dict[str, Tensor]:
+            """DP-SGD's gradient without its noise: per-example gradients, clipped, summed, over ``expected``."""
+
+            def loss_of_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+                return loss_at(p, xi[None], yi[None], buffers, False)[0]
+
+            per_example = torch.func.vmap(torch.func.grad(loss_of_one), in_dims=(None, 0, 0))(p, x, y)
+            clipped = dp.clip_and_average([per_example[n] for n in names], expected)  # (B, *shape) each
+            return dict(zip(names, clipped, strict=True))
+
         if self.protocol == "fedsgd":
+            if dp is not None:
+                if statistics is not None:  # what the batch's forward pass shows the priors
+                    statistics.update(loss_at(params, images, labels, buffers, True)[1])
+                grads = private_gradient(params, images, labels, images.shape[0])
+                return [grads[names[i]] for i in wanted]
             # Differentiate only the tensors the attack compares: the rest are constants of this function.
             grad_names = [names[i] for i in wanted]
             chosen = set(grad_names)
@@ -360,13 +540,6 @@ class Client:
                 statistics.update(found)
             return [grads[n] for n in grad_names]
 
-        def loss_at(
-            p: dict[str, Tensor], x: Tensor, y: Tensor, b: dict[str, Tensor], record: bool
-        ) -> tuple[Tensor, dict]:
-            found: dict = {}
-            with _batchnorm_inputs(victim, found if record else None):
-                return cross_entropy(functional_call(victim, (p, b), (x,)), y), found
-
         num_images = images.shape[0]
         b = self.local_batch_size or num_images
         num_batches = math.ceil(num_images / b)
@@ -377,7 +550,11 @@ class Client:
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
             first = step == 0 and statistics is not None
-            grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
+            if dp is None:
+                grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
+            else:
+                grads = private_gradient(current, x, y, min(b, num_images))
+                found = loss_at(current, x, y, buffers, True)[1] if first else {}
             if first:
                 statistics.update(found)
             if self.weight_decay:
@@ -396,6 +573,17 @@ class Client:
 _CLIENT_DEFAULTS = {
     name: p.default for name, p in inspect.signature(Client.__init__).parameters.items() if name != "self"
 }
+
+
+def _checked_defenses(defenses) -> list[Defense]:
+    """The client's defenses as a list; at most one DP-SGD."""
+    if defenses is None:
+        return []
+    if not isinstance(defenses, (list, tuple)) or not all(isinstance(d, Defense) for d in defenses):
+        raise InputError(f"client option defenses must be a list of defenses, got {defenses!r}")
+    if sum(isinstance(d, DPSGD) for d in defenses) > 1:
+        raise InputError("client option defenses: at most one DPSGD (it acts inside the local steps)")
+    return list(defenses)
 
 
 def _same_option(a, b) -> bool:
@@ -572,6 +760,30 @@ class EvalBatchNormAsAffine(TorchFunctionMode):
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+
+class _ConstantStatisticsBatchNorm(nn.Module):
+    """Eval-mode BatchNorm with its running statistics held as constants, not buffers: the same map, and a layer
+    Opacus accepts (it refuses every layer with buffers; in eval mode the statistics are no one's data)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.mean, self.var = bn.running_mean.detach().clone(), bn.running_var.detach().clone()
+        self.eps = bn.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _constant_statistics(model: nn.Module) -> None:
+    """Replace every eval-mode BatchNorm of ``model`` (in place) by :class:`_ConstantStatisticsBatchNorm`;
+    parameter names and order stay."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None:
+            setattr(model, name, _ConstantStatisticsBatchNorm(child))
+        else:
+            _constant_statistics(child)
 
 
 def _plain_autograd_applies(images: Tensor, labels: Tensor, params: Sequence[Tensor]) -> bool:

@@ -379,6 +379,11 @@ class InversionReport(pl.Callback):
     def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
         metrics: dict = {"attack": result.stats(), "labels": result.labels.tolist()}
+        update = getattr(pl_module, "update", None)
+        if update is not None and update.meta.get("defenses"):  # the client's defenses and the ε they spend
+            metrics["defenses"] = list(update.meta["defenses"])
+            if update.meta.get("privacy") is not None:
+                metrics["privacy"] = dict(update.meta["privacy"])
         if self.truth is not None and not torch.isnan(result.images).any():
             metrics.update(
                 evaluate(
