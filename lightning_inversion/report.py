@@ -378,7 +378,13 @@ class InversionReport(pl.Callback):
 
     def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
-        metrics: dict = {"attack": result.stats(), "labels": result.labels.tolist()}
+        stats = result.stats()
+        # What the attacker assumed comes first: numbers are comparable only under the same threat model.
+        metrics: dict = {
+            "threat_model": stats.pop("threat_model"),
+            "attack": stats,
+            "labels": result.labels.tolist(),
+        }
         if self.truth is not None and not torch.isnan(result.images).any():
             metrics.update(
                 evaluate(
