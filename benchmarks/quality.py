@@ -266,9 +266,10 @@ def attack_batches(
 ) -> list[float]:
     """PSNR of each target photo, attacked ``setting.num_images`` at a time (one update per group of photos);
     reconstructions are matched to the ground truth before measuring."""
-    from lightning_inversion.attack import GradientInversion, lightning_notices_silenced
+    from lightning_inversion.attack import GradientInversion
     from lightning_inversion.images import denormalize
     from lightning_inversion.metrics import match_to_truth, psnr
+    from lightning_inversion.notices import lightning_notices_silenced
 
     dataset, values = data.target_set(), []
     b = setting.num_images
