@@ -266,9 +266,10 @@ def attack_batches(
 ) -> list[float]:
     """PSNR of each target photo, attacked ``setting.num_images`` at a time (one update per group of photos);
     reconstructions are matched to the ground truth before measuring."""
-    from lightning_inversion.attack import GradientInversion, lightning_notices_silenced
+    from lightning_inversion.attack import GradientInversion
     from lightning_inversion.images import denormalize
     from lightning_inversion.metrics import match_to_truth, psnr
+    from lightning_inversion.notices import lightning_notices_silenced
 
     dataset, values = data.target_set(), []
     b = setting.num_images
@@ -347,6 +348,9 @@ def realistic(args: argparse.Namespace) -> str:
         cells, assumed = [], None
         for column in REALISTIC_COLUMNS:
             priors = realistic_priors(column, setting, args)
+            if args.columns and column not in args.columns:
+                cells.append("not run")
+                continue
             if priors is None:
                 cells.append("n/a")
                 continue
@@ -420,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--realistic", action="store_true", help="the realistic settings' table instead")
     parser.add_argument("--settings", nargs="*", help="--realistic: only these settings (by name)")
     parser.add_argument("--realistic-steps", type=int, help="--realistic: steps for every setting")
+    parser.add_argument("--columns", nargs="*", help="--realistic: only these columns (by name)")
     parser.add_argument("--bn-weight", type=float, default=1e-4, help="weight of the BatchNorm prior")
     parser.add_argument("--group-weight", type=float, default=1e-2, help="weight of group consistency")
     parser.add_argument(

@@ -72,6 +72,7 @@ from .restarts import (
     valid_scores,
 )
 from .targets import TargetMismatchError, attack_victim, check_target
+from .threat_model import threat_model
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +357,9 @@ class GradientInversion(pl.LightningModule):
         if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
             return self.dummy_images.sum() * 0
         images = self.dummy_images if len(idx) == self.restarts else self.dummy_images[idx]
+        if self._trainer is not None:  # weight schedules (group consistency)
+            for image_prior in self.priors:
+                image_prior.at_step(self.trainer.global_step, self.trainer.max_steps)
         cost, prior = self.restart_costs(images, self._labels(idx))
         loss = cost + prior  # (r,)
         with torch.no_grad():
@@ -537,10 +541,18 @@ class GradientInversion(pl.LightningModule):
     def reconstruct_result(self, sync: bool = False) -> Reconstruction:
         """Score the restarts and build the :class:`Reconstruction` (images de-normalised to [0, 1])."""
         soft = None if self.dummy_labels is None else self.dummy_labels.detach()
-        return reconstruction(
+        result = reconstruction(
             self.restart_selection, dummy_images_as_pixels(self), self.restart_scores(sync), self.restart_steps,
             soft if soft is not None else self.target_labels, self.labels_from, self._seconds,
         )  # fmt: skip
+        result.threat_model = self.threat_model()
+        return result
+
+    def threat_model(self) -> dict:
+        """What this attack assumes: labels, BatchNorm statistics, images known, the client's mode
+        (:func:`~lightning_inversion.threat_model.threat_model`)."""
+        known = self.update is not None and self.update.num_images is not None
+        return threat_model(self.labels_from, self.priors, self.num_images, known, self.client.train_mode)
 
 
 def _checked(restarts, num_images, num_classes, median_filter_every, lr, tv, image_shape, mean, std, priors):

@@ -46,6 +46,7 @@ from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
 from .notices import lightning_notices_silenced
 from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .threat_model import COLUMNS as THREAT_MODEL_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ COLUMNS = (
     "label_accuracy",
     "seconds",
     "chosen_restart",
+    *THREAT_MODEL_COLUMNS,
     "error",
 )
 # Errors of reading one target's image (a corrupt or missing file) that skip that target, not the evaluation.
@@ -297,6 +299,7 @@ def _attack_one(
         "label_accuracy": measured.get("label_accuracy"),
         "seconds": result.seconds or wall,
         "chosen_restart": result.chosen_restart,
+        **{key: (result.threat_model or {}).get(key) for key in THREAT_MODEL_COLUMNS},
         "error": None,
     }
     return row, result.images.float().cpu(), truth
@@ -369,6 +372,13 @@ def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
     lines = [title + (f" ({skipped} skipped, see the notes)" if skipped else ""), ""]
     if description:
         lines += [description, ""]
+    assumed = {
+        tuple((key, row[key]) for key in THREAT_MODEL_COLUMNS)
+        for row in evaluation.rows
+        if row["error"] is None and row.get(THREAT_MODEL_COLUMNS[0]) is not None
+    }
+    for model in sorted(assumed, key=str):  # one, unless rows were made under different assumptions
+        lines += ["Threat model: " + ", ".join(f"{key} {value}" for key, value in model), ""]
     lines += ["| metric | mean ± std |", "|---|---|"]
     for key, (title, spec) in SUMMARY.items():
         mean, std = evaluation.summary[key]

@@ -378,7 +378,13 @@ class InversionReport(pl.Callback):
 
     def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
-        metrics: dict = {"attack": result.stats(), "labels": result.labels.tolist()}
+        stats = result.stats()
+        # What the attacker assumed comes first: numbers are comparable only under the same threat model.
+        metrics: dict = {
+            "threat_model": stats.pop("threat_model"),
+            "attack": stats,
+            "labels": result.labels.tolist(),
+        }
         update = getattr(pl_module, "update", None)
         if update is not None and update.meta.get("defenses"):  # the client's defenses and the ε they spend
             metrics["defenses"] = list(update.meta["defenses"])

@@ -240,6 +240,7 @@ class Reconstruction:
         steps: the most steps any restart ran.
         seconds: the attack's wall time (without set-up).
         metrics: the report's measurements against ground truth, when it was known.
+        threat_model: what the attacker assumed (:func:`~lightning_inversion.threat_model.threat_model`).
     """
 
     images: Tensor
@@ -253,6 +254,7 @@ class Reconstruction:
     steps: int
     seconds: float
     metrics: dict | None = None
+    threat_model: dict | None = None
 
     def stats(self) -> dict:
         """The scalar fields as plain values (for ``reconstruction.pt`` and ``metrics.json``)."""
@@ -264,6 +266,7 @@ class Reconstruction:
             "restart_steps": self.restart_steps,
             "steps": self.steps,
             "seconds": self.seconds,
+            "threat_model": self.threat_model,
         }
 
 

@@ -48,6 +48,9 @@ def test_demo_runs_through_the_real_cli(tmp_path):
     }
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["attack"]["steps"] == 3
+    assumed = metrics["threat_model"]  # what the attacker assumed, beside the numbers
+    assert assumed["batchnorm_statistics"] == "none" and assumed["client_mode"] == "eval"
+    assert assumed["num_images"] == 1 and assumed["labels"] in ("given", "recovered (idlg)")
     assert 0 < metrics["psnr"] < 60 and "ssim" in metrics and "feature_mse" in metrics
     assert metrics["label_accuracy"] == 1.0
     saved = torch.load(folder / "reconstruction.pt", weights_only=True)

@@ -51,6 +51,10 @@ def test_one_row_per_target_and_a_summary_that_agrees(tmp_path):
     assert evaluation.summary["psnr"][0] == pytest.approx(mean_psnr, rel=1e-5)
     markdown = (tmp_path / "evaluation.md").read_text()
     assert f"| PSNR (dB) | {mean_psnr:.2f} ± " in markdown and "| LPIPS | n/a |" in markdown
+    # What the attacker assumed, per row and once above the summary.
+    assert all(r["labels"] == "recovered (idlg)" and r["batchnorm_statistics"] == "none" for r in rows)
+    assert all(r["client_mode"] == "eval" and r["num_images"] == "1" for r in rows)
+    assert "Threat model: labels recovered (idlg), batchnorm_statistics none, num_images 1" in markdown
 
     # Three targets in one band: ground truths (16×16, drawn at about 140 pixels) above their reconstructions.
     with Image.open(tmp_path / "evaluation.png") as png:

@@ -198,3 +198,120 @@ def test_threat_model_names_each_assumption():
     assert threat_model("dlg", both, 1, True, False)["batchnorm_statistics"] == "running+recovered"
     switched_off = [BatchNormStatistics(RunningStatistics(), weight=0.0)]
     assert threat_model("batch", switched_off, 2, True, False)["batchnorm_statistics"] == "none"
+
+
+# --- wired into the attack ---------------------------------------------------------------------------------------
+class _BNVictim(nn.Module):
+    """conv → BN → ReLU → pool → linear, with BN running statistics set as after training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        with torch.no_grad():
+            # statistics images in [0, 1] can reach through this conv
+            self.bn.running_mean.copy_(torch.tensor([-0.02, -0.2, 0.05, -0.15]))
+            self.bn.running_var.copy_(torch.tensor([0.02, 0.06, 0.03, 0.05]))
+            self.bn.num_batches_tracked.fill_(100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.avg_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+def _attack(victim, train_mode: bool, restarts: int, priors, num_images: int = 2):
+    from lightning_inversion.attack import GradientInversion
+    from lightning_inversion.client import Client
+
+    client = Client(train_mode=train_mode)
+    module = GradientInversion(
+        victim,
+        num_classes=5,
+        image_shape=(3, 8, 8),
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        num_images=num_images,
+        restarts=restarts,
+        client=client,
+        priors=priors,
+        tv=0.0,
+    )
+    x = torch.rand(num_images, 3, 8, 8)
+    module.set_target(client.update(victim, x, torch.arange(num_images)))
+    module.prepare()
+    return module
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_batchnorm_prior_in_the_attack_matches_the_hand_computed_penalty(train_mode, restarts):
+    """The prior the attack adds is Σ ‖μ − μ̂‖ + ‖σ² − σ̂²‖ of the conv output (the BN input) of each restart's
+    dummy batch against the running statistics, for eval- and train-mode clients and batched restarts."""
+    victim = _BNVictim().eval()
+    module = _attack(victim, train_mode, restarts, [BatchNormStatistics(RunningStatistics(), weight=0.5)])
+    images = module.dummy_images.detach()
+    _, prior = module.restart_costs(images, module.target_labels)
+    with torch.no_grad():
+        conv = victim.conv(images.flatten(0, 1)).unflatten(0, images.shape[:2])  # (R, B, 4, 8, 8)
+    mean, var = _statistics_of(conv)
+    ref_mean, ref_var = victim.bn.running_mean, victim.bn.running_var
+    expected = 0.5 * ((mean - ref_mean).norm(dim=-1) + (var - ref_var).norm(dim=-1))
+    torch.testing.assert_close(prior, expected, rtol=1e-5, atol=1e-6)
+    assert victim.bn.num_batches_tracked.item() == 100  # the victim's own buffers are left alone
+
+
+def test_batchnorm_prior_pulls_the_statistics_toward_the_reference_in_a_fit():
+    import pytorch_lightning as pl
+
+    victim = _BNVictim().eval()
+    prior = BatchNormStatistics(RunningStatistics(), weight=1e3)  # the prior leads the signed steps
+    module = _attack(victim, False, 2, [prior])
+    before = module.restart_costs(module.dummy_images.detach(), module.target_labels)[1]
+    trainer = pl.Trainer(
+        max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module)
+    after = module.restart_costs(module.dummy_images.detach(), module.target_labels)[1]
+    assert bool((after < 0.5 * before).all())
+    model = module.reconstruction.threat_model
+    assert model["batchnorm_statistics"] == "running" and model["client_mode"] == "eval"
+    assert model["labels"] == "given" and model["num_images_from"] == "update"
+
+
+def test_batchnorm_prior_refuses_a_victim_without_batchnorm():
+    from lightning_inversion.attack import GradientInversion
+
+    victim = TinyConvNet(side=8, num_classes=5).eval()
+    module = GradientInversion(
+        victim, num_classes=5, image_shape=(3, 8, 8), mean=(0.0,) * 3, std=(1.0,) * 3,
+        priors=[BatchNormStatistics(RunningStatistics())],
+    )  # fmt: skip
+    from lightning_inversion.client import Client
+
+    module.set_target(Client().update(victim, torch.rand(1, 3, 8, 8), torch.tensor([1])))
+    with pytest.raises(InputError, match="needs a victim with BatchNorm layers"):
+        module.prepare()
+
+
+def test_group_consistency_follows_the_attack_steps():
+    import pytorch_lightning as pl
+
+    victim = _BNVictim().eval()
+    prior = GroupConsistency(weight=1.0, start=0.5, ramp=0.0)
+    module = _attack(victim, False, 2, [prior])
+    seen = []
+    original = prior.at_step
+
+    def record(step, max_steps):
+        seen.append((step, max_steps))
+        original(step, max_steps)
+
+    prior.at_step = record
+    pl.Trainer(
+        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module)  # fmt: skip
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert prior.scale(prior.schedule["progress"]) == 1.0  # on from half-way
