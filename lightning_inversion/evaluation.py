@@ -46,6 +46,7 @@ from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
 from .notices import lightning_notices_silenced
 from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .targets import attack_victim
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +106,6 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def _build_victim(
-    victim: str | nn.Module, data: VisionData, pretrained: bool, victim_weights: str | None
-) -> nn.Module:
-    if not isinstance(victim, str):
-        return victim
-    from .victims import build_victim
-
-    return build_victim(
-        victim, data.num_classes, tuple(data.image_shape), pretrained=pretrained, weights_path=victim_weights
-    )
-
-
 def evaluate_targets(
     data: VisionData,
     victim: str | nn.Module = "ConvNet-16",
@@ -134,7 +123,8 @@ def evaluate_targets(
         data: the dataset the targets come from (its target split, normalisation and number of classes).
         victim: the shared model: a registry name (built once, with ``pretrained``/``victim_weights`` from
             ``attack_options``) or an ``nn.Module`` (its ``requires_grad`` flags are turned off, as the attack
-            does).
+            does). A ``victim_checkpoint`` in ``attack_options`` replaces it: the clients and the attack both use
+            the checkpoint's victim.
         targets: indices into the data's target split. ``None``: the first ``num_targets`` indices, or without
             that the data's own selection (``target_indices``, else ``num_images`` from ``start_index``).
         num_targets: how many targets when ``targets`` is not given.
@@ -162,9 +152,17 @@ def evaluate_targets(
         )
     pretrained = options.pop("pretrained", False)
     victim_weights = options.pop("victim_weights", None)
+    victim_checkpoint = options.pop("victim_checkpoint", None)
     victim = options.pop("victim", victim)
     victim_name = victim if isinstance(victim, str) else type(victim).__name__
-    victim = _build_victim(victim, data, pretrained, victim_weights)
+    if victim_checkpoint is not None:
+        victim_name = f"checkpoint {victim_checkpoint}"
+    if isinstance(victim, str) or victim_checkpoint is not None:
+        # One victim for the clients and the attack: the checkpoint's when given, else built from its name.
+        victim = attack_victim(
+            victim, data.num_classes, tuple(data.image_shape), tuple(data.mean), tuple(data.std), pretrained,
+            victim_weights, victim_checkpoint,
+        )  # fmt: skip
     client = client or Client()
     dataset = data.target_set()
     if targets is None:

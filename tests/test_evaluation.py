@@ -148,3 +148,45 @@ def test_an_unwritable_output_folder_is_refused_before_the_first_target(tmp_path
         main(["--config", str(CONFIG), "--trainer.max_steps=2", f"--report.output_dir={blocker / 'out'}"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == f"error: cannot write to {blocker / 'out'} (--report.output_dir): Not a directory"
+
+
+def test_a_victim_checkpoint_is_the_victim_of_the_clients_and_of_the_attack(tmp_path, monkeypatch):
+    """The update is computed by the checkpoint's victim, the one the attack inverts (not one built by name)."""
+    import torch
+
+    from lightning_inversion.attack import GradientInversion
+    from lightning_inversion.client import Client
+    from lightning_inversion.victims import build_victim
+
+    data = PhotoData(image_size=16)
+    torch.manual_seed(123)
+    trained = build_victim("ConvNet-8", data.num_classes, tuple(data.image_shape))
+    path = tmp_path / "victim.ckpt"
+    hparams = {
+        "victim": "ConvNet-8",
+        "num_classes": data.num_classes,
+        "image_shape": list(data.image_shape),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    state = {f"victim.{k}": v for k, v in trained.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    clients, attacks = [], []
+    update, init = Client.update, GradientInversion.set_target
+    monkeypatch.setattr(
+        Client, "update", lambda self, victim, *a: clients.append(victim) or update(self, victim, *a)
+    )
+    monkeypatch.setattr(
+        GradientInversion, "set_target", lambda self, u: attacks.append(self.victim) or init(self, u)
+    )
+    evaluate_targets(
+        data,
+        "ConvNet-8",
+        targets=[0],
+        attack_options={"victim_checkpoint": str(path), "tv": 1e-4},
+        trainer_kwargs={"max_steps": 1},
+        lpips=False,
+    )
+    assert len(clients) == len(attacks) == 1 and clients[0] is attacks[0]
+    for name, value in trained.state_dict().items():
+        assert torch.equal(clients[0].state_dict()[name], value), name
