@@ -88,8 +88,9 @@ def test_an_unreadable_target_is_skipped_and_the_others_are_kept_as_they_finish(
         trainer_kwargs={"max_steps": 2, "callbacks": [written]},
         output_dir=out,
         lpips=False,
+        targets_per_fit=2,
     )
-    assert written.seen == [[], ["0"], ["0", "1", "2"]]  # each result was on disk before the next target ran
+    assert written.seen == [[], ["0", "1"]]  # each fit's results were on disk before the next fit ran
     rows = read_rows(out)
     assert [r["index"] for r in rows] == ["0", "1", "2", "3"]
     assert all(float(rows[i]["psnr"]) > 0 and rows[i]["error"] == "" for i in (0, 1, 3))
@@ -172,12 +173,12 @@ def test_a_victim_checkpoint_is_the_victim_of_the_clients_and_of_the_attack(tmp_
     state = {f"victim.{k}": v for k, v in trained.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     clients, attacks = [], []
-    update, init = Client.update, GradientInversion.set_target
+    update, init = Client.update, GradientInversion.set_targets
     monkeypatch.setattr(
         Client, "update", lambda self, victim, *a: clients.append(victim) or update(self, victim, *a)
     )
     monkeypatch.setattr(
-        GradientInversion, "set_target", lambda self, u: attacks.append(self.victim) or init(self, u)
+        GradientInversion, "set_targets", lambda self, u: attacks.append(self.victim) or init(self, u)
     )
     evaluate_targets(
         data,
