@@ -119,7 +119,8 @@ def reconstruct(
         client: the client's protocol (FedSGD by default; pass ``Client(protocol="fedavg", ...)`` for updates).
             Its ``train_mode`` must agree with the model's mode. What an :class:`Update` records about how it was
             made (kind, number of clients, FedAvg settings) fills the options left at their defaults; a
-            contradiction is refused (:meth:`Client.matching`).
+            contradiction is refused (:meth:`Client.matching`). New weights (kind ``weights``) are matched as
+            their change from the model's weights, the global weights the server sent.
         ground_truth: the true images in [0, 1], to measure the result (``result.metrics``); never used by the
             attack.
         trainer_kwargs: passed on to the Lightning ``Trainer`` (e.g. ``accelerator``, ``devices``,
@@ -156,6 +157,11 @@ def reconstruct(
         if labels is not None:
             update = dataclasses.replace(update, labels=labels)
         client = client.matching(update)
+        if update.kind == "weights":  # the server knows the weights it sent (the model's): match the change
+            from .update_io import as_change
+
+            update = as_change(update, model)
+            client = Client(**{**client.options(), "send": "delta"})
     else:
         if isinstance(target_gradient, Tensor) or not isinstance(target_gradient, Sequence):
             raise InputError(

@@ -137,7 +137,8 @@ class GradientInversion(pl.LightningModule):
         client: the client's protocol (FedSGD gradient or FedAvg local steps), known to the server. ``None``:
             FedSGD in eval mode.
         pretrained: with a victim given by name, load its pretrained weights (torchvision models).
-        victim_weights: with a victim given by name, a state-dict file (``.pt`` or ``.safetensors``) to load.
+        victim_weights: a state-dict file (``.pt``, ``.safetensors`` or ``.npz``) loaded into the victim, given by
+            name or as a module: the global weights the server sent.
         victim_checkpoint: a checkpoint written by ``train_victim.py``: the victim's architecture and weights come
             from it (``victim`` is then ignored), and its classes, image shape and normalisation must agree with
             the data's.

@@ -322,6 +322,13 @@ class InversionCLI(LightningCLI):
                 "The data then only sets image shape, classes and normalisation; the client options say what "
                 "the update is (gradient, or FedAvg delta/weights).",
             )
+            parser.add_argument(
+                "--update_ground_truth",
+                type=bool | None,
+                default=None,
+                help="With --update: measure the reconstruction against the data's private batch (true), never "
+                "(false), or when the client's update of that batch reproduces --update, cosine >= 0.999 (null).",
+            )
             parser.set_defaults(
                 {
                     "trainer.max_steps": 4800,
@@ -489,19 +496,24 @@ class InversionCLI(LightningCLI):
             from .update_io import load_update
 
             path = config["update"]
-            given = load_update(path, model.victim)
-            if (
-                "kind" not in given.meta["recorded"]
-            ):  # a plain dict or list: the client options say what it is
-                given.kind = client.kind
+            # A plain dict or list: the client options say what it is.
+            given = load_update(path, model.victim, default_kind=client.kind)
+            given.meta.setdefault("image_shape", list(model.image_shape))
             # What the file records about how the update was made wins over options left at their defaults.
             model.client = client = client.matching(given, source=str(path), prefix="--client.")
+            given, client = _server_view(given, client, model, str(path))
+            model.client = client
         if ckpt_path is None:
             if given is not None:
                 try:
                     model.set_target(given)
                 except InputError as error:
                     raise InputError(f"{config['update']}: {error}") from None
+                truth = self._ground_truth_of(
+                    given, client, model, datamodule, config.get("update_ground_truth")
+                )
+                if truth is not None:
+                    report.set_ground_truth(*truth)
             else:
                 images, labels = datamodule.attack_targets()  # the client's private batch, normalised
                 model.set_target(_client_update(client, model, datamodule, images, labels))
@@ -648,6 +660,51 @@ class InversionCLI(LightningCLI):
             )
         return chosen
 
+    def _ground_truth_of(
+        self,
+        given: Update,
+        client: Client,
+        model: GradientInversion,
+        datamodule: VisionData,
+        wanted: bool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The data's private batch (pixels in [0, 1], labels) as the ground truth of an ``--update``, or ``None``.
+
+        ``wanted`` (``--update_ground_truth``): ``True`` always, ``False`` never, ``None`` when the client's update
+        of the private batch reproduces ``given`` (cosine >= 0.999 over all tensors): the images it was made from.
+        """
+        if wanted is False:
+            return None
+        private = self._private_batch(datamodule)
+        if private is None:
+            if wanted:
+                datamodule.attack_targets()  # raises why the private batch is missing
+            return None
+        images, labels = private
+        if images.shape[0] != model.num_images:
+            if wanted:
+                raise InputError(
+                    f"--update_ground_truth: the data's private batch has {images.shape[0]} images, the update "
+                    f"{model.num_images}"
+                )
+            return None
+        simulated = client.update(model.victim, images, labels)
+        cosine = _cosine(simulated.tensors, given.tensors)
+        reproduced = cosine >= 0.999
+        if wanted is None and not reproduced:
+            log.info("the data's private batch does not make --update (cosine %.4f): no ground truth", cosine)
+            return None
+        if not reproduced:
+            rank_zero_warn(
+                f"--update_ground_truth: the client's update of the data's private batch is not --update (cosine "
+                f"{cosine:.4f}); the metrics compare with those images anyway"
+            )
+        else:
+            rank_zero_info(
+                f"--update is the client's update of the data's private batch (cosine {cosine:.6f})"
+            )
+        return denormalize(images, datamodule.mean, datamodule.std).clamp(0, 1), labels
+
     def _private_batch(self, datamodule: VisionData) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The client's private batch (normalised images, labels), or ``None`` if the data is not here."""
         try:
@@ -784,6 +841,51 @@ def _client_update(
     if not datamodule.labels_known:  # images without labels: the server is not told the client's
         update.labels = None
     return update
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The cosine between two updates, all tensors as one vector."""
+    x = torch.cat([t.detach().double().cpu().reshape(-1) for t in a])
+    y = torch.cat([t.detach().double().cpu().reshape(-1) for t in b])
+    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-300))
+
+
+def _server_view(
+    update: Update, client: Client, model: GradientInversion, path: str
+) -> tuple[Update, Client]:
+    """The ``--update`` as the server sees it, with the global weights it sent (the victim's), and its client.
+
+    The update must come from the victim's weights when it records which (a Flower round's digest); a ``weights``
+    update needs the global weights (``--model.victim_weights``, ``--model.victim_checkpoint`` or
+    ``--model.pretrained``) and becomes the change of weights, which the client then sends (the cosine of new
+    weights with any near copy of the global weights is about 1: no signal). A kind the update does not look like
+    is refused (:func:`~lightning_inversion.update_io.kind_problem`).
+    """
+    from .update_io import as_change, kind_problem, victim_digests
+
+    digest = update.meta.get("global_digest")
+    hparams = model.hparams
+    if digest is not None and digest not in victim_digests(model.victim):
+        where = update.meta.get("global_weights")
+        hint = f" (its round's {where}, beside it)" if where else ""
+        raise InputError(
+            f"{path} was computed from other global weights than the victim's: give the global weights the "
+            f"server sent{hint} as --model.victim_weights"
+        )
+    known = digest is not None or any(
+        hparams.get(k) for k in ("victim_weights", "victim_checkpoint", "pretrained")
+    )
+    if update.kind == "weights" and not known:
+        raise InputError(
+            f"{path} holds new weights (kind 'weights'): the server's global weights are needed to see the change "
+            "the client made; give them as --model.victim_weights (or --model.victim_checkpoint)"
+        )
+    problem = kind_problem(update, model.victim)
+    if problem is not None:
+        raise InputError(f"{path}: {problem}")
+    if update.kind != "weights":
+        return update, client
+    return as_change(update, model.victim), Client(**{**client.options(), "send": "delta"})
 
 
 def read_target_update(path: str | os.PathLike) -> Update:

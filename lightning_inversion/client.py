@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
@@ -41,6 +41,10 @@ class Update:
         labels: labels the attacker knows (shared by the client, or recovered), ``(B,)``; ``None`` if unknown.
         num_images: how many images the client used (the batch size B), when known.
         num_clients: how many clients were averaged into this update (1 without aggregation).
+        meta: what else is known about how the update was made (client options, its source file, ...).
+        buffer_changes: how the client's local training changed the victim's buffers (BatchNorm running
+            statistics and step counters), ``new − global`` by name as in ``victim.named_buffers()``; empty when
+            the client did not send its buffers. Never parameters: the objective matches ``tensors`` only.
     """
 
     tensors: list[Tensor]
@@ -50,6 +54,7 @@ class Update:
     num_images: int | None = None
     num_clients: int = 1
     meta: dict = field(default_factory=dict)
+    buffer_changes: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Update:
         return Update(
@@ -60,7 +65,14 @@ class Update:
             self.num_images,
             self.num_clients,
             dict(self.meta),
+            {n: b.to(device) for n, b in self.buffer_changes.items()},
         )
+
+    @property
+    def buffers_moved(self) -> bool:
+        """Whether local training changed a buffer's value (step counters aside): the client trained in train
+        mode (BatchNorm updated its running statistics)."""
+        return any(b.is_floating_point() and bool(b.any()) for b in self.buffer_changes.values())
 
     def state_dict(self) -> dict:
         """Plain tensors and Python values only, so it can be saved in a checkpoint and loaded without pickles."""
@@ -72,11 +84,16 @@ class Update:
             "num_images": self.num_images,
             "num_clients": self.num_clients,
             "meta": dict(self.meta),
+            "buffer_changes": {n: b.detach().cpu() for n, b in self.buffer_changes.items()},
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Update:
-        return cls(**state)
+        update = cls(**state)
+        overlap = set(update.names) & set(update.buffer_changes)
+        if overlap:
+            raise ValueError(f"{sorted(overlap)[:4]} are named both as parameters and as buffers")
+        return update
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -98,10 +115,14 @@ class Client:
             the whole batch at every step.
         local_epochs: FedAvg: if set, overrides ``local_steps`` with ``local_epochs · ceil(B / b)``.
         send: FedAvg: send the change ``θ_K − θ_0`` (``delta``) or the new weights ``θ_K`` (``weights``).
-        train_mode: run the victim in training mode (BatchNorm on batch statistics). The paper's default, and
-            ours, is eval mode.
+        train_mode: run the victim in training mode (BatchNorm on batch statistics, running statistics updated),
+            as real FL clients do (Flower's ``net.train()``). ``None``: the update's mode, training mode when
+            the buffers it carries moved, else eval mode (the paper's default).
         num_clients: secure aggregation: the private batch is split into this many equal client batches, each
             client computes its own update, and the server sees only their average.
+        momentum: FedAvg: the momentum of the client's local SGD (``torch.optim.SGD``'s, dampening 0; 0.9 in
+            PyTorch's tutorials); the momentum buffer starts at zero in every round.
+        weight_decay: FedAvg: the L2 weight decay of the client's local SGD (``torch.optim.SGD``'s).
     """
 
     def __init__(
@@ -112,8 +133,10 @@ class Client:
         local_batch_size: PositiveInt | None = None,
         local_epochs: PositiveInt | None = None,
         send: Literal["delta", "weights"] = "delta",
-        train_mode: bool = False,
+        train_mode: bool | None = None,
         num_clients: PositiveInt = 1,
+        momentum: NonNegativeFloat = 0.0,
+        weight_decay: NonNegativeFloat = 0.0,
     ) -> None:
         # The command line refuses these through the types; from Python the same rules hold here.
         for name, value in (
@@ -126,6 +149,11 @@ class Client:
                 raise InputError(f"client option {name} must be a whole number >= 1, got {value!r}")
         if not (isinstance(local_lr, (int, float)) and math.isfinite(local_lr) and local_lr > 0):
             raise InputError(f"client option local_lr must be a finite number > 0, got {local_lr!r}")
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InputError(f"client option {name} must be a finite number >= 0, got {value!r}")
+        if train_mode is not None and not isinstance(train_mode, bool):
+            raise InputError(f"client option train_mode must be true, false or null, got {train_mode!r}")
         if protocol not in ("fedsgd", "fedavg"):
             raise InputError(f"client option protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
         if send not in ("delta", "weights"):
@@ -137,8 +165,11 @@ class Client:
         self.local_batch_size = None if local_batch_size is None else int(local_batch_size)
         self.local_epochs = None if local_epochs is None else int(local_epochs)
         self.send = send
+        self.train_mode_option = train_mode  # None: follows the update
         self.train_mode = bool(train_mode)
         self.num_clients = int(num_clients)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
 
     @property
     def kind(self) -> UpdateKind:
@@ -165,7 +196,9 @@ class Client:
 
     def options(self) -> dict:
         """The ``__init__`` arguments of this client."""
-        return {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
+        options = {name: getattr(self, name) for name in _CLIENT_DEFAULTS}
+        options["train_mode"] = self.train_mode_option
+        return options
 
     def matching(
         self, update: Update, source: str = "the update", prefix: str = "client option ", adopt: bool = True
@@ -191,6 +224,7 @@ class Client:
         recorded = recorded_options(update)
         mine = self.options()
         adopted, effective = dict(mine), dict(mine)
+        effective["train_mode"] = self.train_mode  # what this client simulates (None: eval mode)
         if "local_steps" in recorded and self.local_epochs is not None:
             steps = self.steps_for(update.num_images or 1)
             if steps != recorded["local_steps"]:
@@ -204,6 +238,8 @@ class Client:
                 continue
             if not adopt or not _same_option(mine[name], _CLIENT_DEFAULTS[name]):
                 what = f" (a {update.kind!r} update)" if name in ("protocol", "send") else ""
+                if name == "train_mode" and update.buffers_moved and "train_mode" not in update.meta:
+                    what = " (its BatchNorm running statistics moved: the client trained in train mode)"
                 raise InputError(
                     f"{prefix}{name} {mine[name]!r} contradicts {source}, which records {name} {value!r}{what}: "
                     f"drop the option or set it to {value!r}"
@@ -223,6 +259,7 @@ class Client:
         finally:  # the caller's model keeps its modes (simulate sets the client's)
             for m, mode in modes:
                 m.training = mode
+        start = dict(victim.named_buffers())
         return Update(
             [t.detach() for t in tensors],
             names,
@@ -236,7 +273,12 @@ class Client:
                 "local_steps": self.steps_for(len(images)),
                 "local_batch_size": self.local_batch_size,
                 "train_mode": self.train_mode,
+                "momentum": self.momentum,
+                "weight_decay": self.weight_decay,
+                "image_shape": list(images.shape[1:]),
             },
+            # Under aggregation the server sees no single client's buffers.
+            buffer_changes={n: b - start[n] for n, b in buffers.items()} if self.num_clients == 1 else {},
         )
 
     def simulate(
@@ -332,6 +374,7 @@ class Client:
         num_batches = math.ceil(num_images / b)
         current = dict(params)
         change = {n: torch.zeros_like(p) for n, p in params.items()}
+        velocity: dict[str, Tensor] | None = None  # torch.optim.SGD's momentum buffer
         for step in range(self.steps_for(num_images)):
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
@@ -339,6 +382,13 @@ class Client:
             grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
             if first:
                 statistics.update(found)
+            if self.weight_decay:
+                grads = {n: grads[n] + self.weight_decay * current[n] for n in names}
+            if self.momentum:
+                velocity = (
+                    grads if velocity is None else {n: self.momentum * velocity[n] + grads[n] for n in names}
+                )
+                grads = velocity
             change = {n: change[n] - self.local_lr * grads[n] for n in names}
             current = {n: params[n] + change[n] for n in names}
         out = change if self.send == "delta" else current
@@ -373,7 +423,12 @@ def recorded_options(update: Update) -> dict:
     meta = update.meta
     if isinstance(meta.get("train_mode"), bool):
         options["train_mode"] = meta["train_mode"]
+    elif update.buffers_moved:  # BatchNorm's running statistics move only in training mode
+        options["train_mode"] = True
     if options.get("protocol") == "fedavg" and meta.get("protocol") == "fedavg":
+        for name in ("momentum", "weight_decay"):
+            if isinstance(meta.get(name), (int, float)) and not isinstance(meta[name], bool):
+                options[name] = float(meta[name])
         if _whole(meta.get("local_steps")):
             options["local_steps"] = int(meta["local_steps"])
         if isinstance(meta.get("local_lr"), (int, float)) and not isinstance(meta["local_lr"], bool):

@@ -16,12 +16,18 @@ victim a second time. What can be asked for:
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
-from jsonargparse.typing import NonNegativeFloat
+import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat
 from torch import Tensor, nn
 
 from .client import BATCHNORM_STATISTICS, Update  # noqa: F401 - the name priors ask for, defined beside the pass
+from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class ImagePrior:
@@ -45,6 +51,10 @@ class ImagePrior:
 
     def prepare(self, victim: nn.Module, update: Update) -> None:
         """Read what the prior needs from the victim and the target update (nothing by default)."""
+
+    def at_step(self, step: int, max_steps: int) -> None:
+        """Called before each optimisation step ``step`` of ``max_steps`` (for weight schedules; nothing by
+        default)."""
 
     def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
         """The unweighted penalty of ``(..., B, C, H, W)`` images, ``(...)``."""
@@ -90,3 +100,187 @@ class TotalVariation(ImagePrior):
 
     def __repr__(self) -> str:
         return f"TotalVariation(weight={self.weight})"
+
+
+def _batchnorm_layers(victim: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in victim.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class RunningStatistics(StatisticsSource):
+    """The victim's running BatchNorm statistics: the statistics of the data it was trained on.
+
+    What Yin et al. (GradInversion, CVPR 2021) and DeepInversion match. PyTorch keeps ``running_var`` as an
+    average of *unbiased* batch variances; over the thousands of entries a channel has per batch (batch and
+    spatial axes) the factor ``n / (n − 1)`` is far below the statistics' own spread, so it is used as it is.
+    A victim that never trained holds BatchNorm's initial values (mean 0, variance 1), which say nothing about
+    any data: a warning says so. The threat model of a number made with this source reads
+    ``batchnorm_statistics: running``.
+
+    Raises:
+        InputError: (from :meth:`statistics`) the victim has no BatchNorm layer with running statistics.
+    """
+
+    assumption = "running"
+
+    def statistics(self, victim: nn.Module, update: Update) -> dict[str, tuple[Tensor, Tensor]]:
+        found = {
+            name: (m.running_mean.detach().float(), m.running_var.detach().float())
+            for name, m in _batchnorm_layers(victim)
+            if m.running_mean is not None and m.running_var is not None
+        }
+        if not found:
+            raise InputError(
+                f"the victim {type(victim).__name__} has no BatchNorm layer with running statistics: the "
+                "BatchNorm-statistics prior (reference RunningStatistics) has nothing to match; drop the prior"
+            )
+        untouched = [
+            name
+            for name, m in _batchnorm_layers(victim)
+            if name in found and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0
+        ]
+        if len(untouched) == len(found):
+            log.warning(
+                "the victim's BatchNorm layers never tracked a batch (num_batches_tracked 0): their running "
+                "statistics are the initial mean 0 and variance 1, not a training set's"
+            )
+        return found
+
+
+class BatchNormStatistics(ImagePrior):
+    """DeepInversion's feature-distribution prior (Yin et al., CVPR 2020; GradInversion, CVPR 2021).
+
+    For every BatchNorm layer of the victim, the per-channel mean and variance of the layer's input over the
+    dummy batch are pulled toward reference statistics:
+
+        R_BN(x) = Σ_l w_l (‖μ_l(x) − μ̂_l‖₂ + ‖σ²_l(x) − σ̂²_l‖₂)
+
+    with ``w_l = first_layer_weight`` for the victim's first BatchNorm layer and 1 for the others. The dummy
+    statistics come from the client's own forward pass (``seen["batchnorm_statistics"]``), batched over the
+    images' leading axes (restarts, targets); the reference from :attr:`reference`, read once per target in
+    :meth:`prepare`.
+
+    Args:
+        reference: where the reference statistics come from: :class:`RunningStatistics` (the victim's, i.e. its
+            training set's) or the private batch's own, recovered from the update's moved buffers.
+        weight: the prior's weight in the loss.
+        first_layer_weight: extra weight of the first BatchNorm layer, whose input is closest to the pixels
+            (DeepInversion's ``first_bn_multiplier``).
+    """
+
+    needs = frozenset({BATCHNORM_STATISTICS})
+
+    def __init__(
+        self,
+        reference: StatisticsSource,
+        weight: NonNegativeFloat = 1e-2,
+        first_layer_weight: NonNegativeFloat = 1.0,
+    ) -> None:
+        super().__init__(weight)
+        self.reference = reference
+        self.first_layer_weight = float(first_layer_weight)
+        # What prepare() read for the current target; held apart from the options (a checkpoint describes a
+        # prior by its plain attributes, which must not change when it is prepared).
+        self.prepared: dict[str, Any] = {}
+
+    def prepare(self, victim: nn.Module, update: Update) -> None:
+        """Read the reference statistics for this victim and target update.
+
+        Raises:
+            InputError: the victim has no BatchNorm layer, or the reference names layers it does not have.
+        """
+        layers = [name for name, _ in _batchnorm_layers(victim)]
+        if not layers:
+            raise InputError(
+                f"the BatchNorm-statistics prior needs a victim with BatchNorm layers; {type(victim).__name__} "
+                "has none: drop the prior"
+            )
+        targets = self.reference.statistics(victim, update)
+        unknown = sorted(set(targets) - set(layers))
+        if unknown:
+            raise InputError(
+                f"the BatchNorm-statistics reference names layers the victim does not have: {', '.join(unknown)}"
+            )
+        device = next(victim.parameters()).device
+        self.prepared = {
+            "statistics": {n: (m.to(device).float(), v.to(device).float()) for n, (m, v) in targets.items()},
+            "first_layer": layers[0],
+        }
+
+    def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
+        if not self.prepared:
+            raise RuntimeError("BatchNormStatistics.prepare(victim, update) must run before the penalty")
+        statistics = seen.get(BATCHNORM_STATISTICS)
+        if statistics is None:
+            raise RuntimeError(
+                "the client's forward pass did not hand over the BatchNorm statistics this prior needs"
+            )
+        total = images.new_zeros(images.shape[:-4], dtype=torch.float32)  # (...)
+        first_layer = self.prepared["first_layer"]
+        for name, (ref_mean, ref_var) in self.prepared["statistics"].items():
+            if name not in statistics:
+                raise RuntimeError(f"no BatchNorm statistics were seen for layer {name!r}")
+            mean, var = statistics[name]  # (..., C) each
+            distance = (mean.float() - ref_mean).norm(dim=-1) + (var.float() - ref_var).norm(dim=-1)
+            total = total + (self.first_layer_weight if name == first_layer else 1.0) * distance
+        return total
+
+
+class GroupConsistency(ImagePrior):
+    """Group consistency (Yin et al., "See through Gradients", CVPR 2021): restarts pulled toward their consensus.
+
+    The consensus is the per-pixel mean of the restarts, the axis −5 of the dummy images ``(..., R, B, C, H, W)``,
+    taken as a constant (no gradient flows through it); each restart's penalty is its Euclidean distance to it,
+    ``‖x_r − x̄‖₂`` over ``(B, C, H, W)``, divided by ``√(B·C·H·W)`` so the weight does not depend on the image
+    size. Yin et al. also register the restarts to each other before averaging; this prior does not (the images
+    of one restart are in the order of the labels, so image b of every restart is the same private image as long
+    as the labels are told apart).
+
+    The weight follows a schedule over the attack's steps: 0 before ``start`` (a fraction of the steps), then a
+    linear ramp over ``ramp`` (a fraction) up to ``weight``. The restarts first find their own way; the pull
+    comes once they agree on the coarse picture. :meth:`at_step` sets the progress.
+
+    Under DDP every process holds its own slice of the restarts and the consensus is over that slice: the
+    process's own restarts, not all of them. With one restart per process the prior is 0.
+
+    Args:
+        weight: the weight at the end of the ramp.
+        start: the fraction of the steps before which the prior is off.
+        ramp: the fraction of the steps over which the weight rises from 0 to ``weight``.
+    """
+
+    def __init__(
+        self,
+        weight: NonNegativeFloat = 1e-2,
+        start: ClosedUnitInterval = 0.25,
+        ramp: ClosedUnitInterval = 0.25,
+    ) -> None:
+        super().__init__(weight)
+        self.start, self.ramp = float(start), float(ramp)
+        # The fraction of the attack's steps done, set by at_step; held apart from the options (a checkpoint
+        # describes a prior by its plain attributes, which must not change from step to step).
+        self.schedule = {"progress": 1.0}
+
+    def scale(self, progress: float) -> float:
+        """The schedule's factor on the weight at ``progress`` (the fraction of the steps done), in [0, 1]."""
+        if progress < self.start:
+            return 0.0
+        if self.ramp == 0:
+            return 1.0
+        return min(1.0, (progress - self.start) / self.ramp)
+
+    def at_step(self, step: int, max_steps: int) -> None:
+        """Set the schedule's progress before step ``step`` of ``max_steps``."""
+        self.schedule["progress"] = step / max_steps if max_steps > 0 else 1.0
+
+    def penalty(self, images: Tensor, seen: dict[str, Any]) -> Tensor:
+        if images.dim() < 5:
+            raise ValueError(
+                f"group consistency needs images (..., R, B, C, H, W) with a restart axis, got {tuple(images.shape)}"
+            )
+        images = images.float()
+        consensus = images.mean(-5, keepdim=True).detach()  # (..., 1, B, C, H, W)
+        size = math.prod(images.shape[-4:])
+        return (images - consensus).flatten(-4).norm(dim=-1) / math.sqrt(size)  # (..., R)
+
+    def __call__(self, images: Tensor, seen: dict[str, Any] | None = None) -> Tensor:
+        return self.scale(self.schedule["progress"]) * super().__call__(images, seen)

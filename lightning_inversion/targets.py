@@ -53,6 +53,10 @@ def attack_victim(
                 f"the victim {victim} cannot be built for images of shape {tuple(image_shape)} (image_size, "
                 f"image_shape): {reason}"
             ) from None
+    elif victim_weights is not None:  # any nn.Module (a class path in YAML): the server's weights go in
+        from .victims.weights import load_weights_into
+
+        load_weights_into(victim, victim_weights)
     _check_victim(victim, num_classes, tuple(image_shape))
     return victim.requires_grad_(False)
 

@@ -153,3 +153,80 @@ def test_the_public_entry_points_are_at_the_top_level():
 
     assert li.load_update is load_update and li.recover_linear_input is recover_linear_input
     assert {"load_update", "recover_linear_input"} <= set(li.__all__)
+
+
+def bn_victim() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
+
+
+@pytest.fixture
+def trained() -> tuple[nn.Sequential, Update]:
+    victim = bn_victim()
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    update = Client(protocol="fedavg", local_steps=1, local_lr=0.1, train_mode=True, send="weights").update(
+        victim, images, torch.tensor([3, 1])
+    )
+    return victim, update
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npz"])
+def test_buffer_changes_round_trip_and_stay_apart_from_parameters(tmp_path, trained, suffix):
+    victim, update = trained
+    assert set(update.buffer_changes) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert update.buffers_moved and int(update.buffer_changes["1.num_batches_tracked"]) == 1
+    path = tmp_path / f"update{suffix}"
+    save_update(update, path)
+    loaded = load_update(path, victim)
+    assert loaded.names == update.names and loaded.kind == "weights"
+    assert loaded.buffer_changes.keys() == update.buffer_changes.keys()
+    for name, change in update.buffer_changes.items():
+        assert torch.equal(loaded.buffer_changes[name], change)
+    state = update.state_dict()
+    state["names"] = [*state["names"][:-1], "1.running_mean"]  # a buffer posing as a parameter
+    with pytest.raises(ValueError, match="both as parameters and as buffers"):
+        Update.from_state_dict(state)
+
+
+def test_a_flower_state_dict_list_with_buffers_by_position_and_by_name(tmp_path, trained):
+    import numpy as np
+
+    victim, update = trained
+    state = victim.state_dict()
+    new = dict(zip(update.names, update.tensors, strict=True))
+    new |= {n: state[n] + c for n, c in update.buffer_changes.items()}
+    arrays = [new[k].numpy() for k in state]  # what a Flower client sends: state_dict() order, new values
+    np.savez(tmp_path / "positional.npz", *arrays)
+    np.savez(tmp_path / "named.npz", **{f"module.{k}": a for k, a in zip(state, arrays, strict=True)})
+    for name in ("positional.npz", "named.npz"):
+        loaded = load_update(tmp_path / name, victim, default_kind="weights")
+        assert loaded.names == update.names and loaded.kind == "weights"
+        for a, b in zip(loaded.tensors, update.tensors, strict=True):
+            torch.testing.assert_close(a, b)
+        for n, change in update.buffer_changes.items():
+            torch.testing.assert_close(loaded.buffer_changes[n], change)
+    # without the victim the buffers are still told apart by name, never taken for parameters
+    assert load_update(tmp_path / "named.npz", default_kind="delta").names == [
+        f"module.{n}" for n in update.names
+    ]
+    # a count that is neither the parameters' nor the state_dict's is named
+    np.savez(tmp_path / "short.npz", *arrays[:-1])
+    with pytest.raises(
+        UpdateFileError, match=r"8 tensors but the victim has 6 parameters \(or 9 state_dict entries"
+    ):
+        load_update(tmp_path / "short.npz", victim)
+
+
+def test_numpy_object_arrays_are_refused_without_unpickling(tmp_path):
+    import numpy as np
+
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros(3), np.zeros((2, 2))
+    np.save(tmp_path / "update.npy", ragged, allow_pickle=True)
+    with pytest.raises(UpdateFileError, match="needs pickle"):
+        load_update(tmp_path / "update.npy")
+    np.savez(tmp_path / "update.npz", a=ragged)
+    with pytest.raises(UpdateFileError, match="needs pickle"):
+        load_update(tmp_path / "update.npz")

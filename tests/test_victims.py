@@ -199,3 +199,34 @@ def test_register_victim_template(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "Linear-2" in list_victims()
     model = build_victim("Linear-5", num_classes=4, image_shape=(1, 2, 2))
     assert model(torch.zeros(3, 1, 2, 2)).shape == (3, 20)
+
+
+def test_a_victim_given_by_class_path_gets_the_server_weights(tmp_path):
+    """A string class path builds any nn.Module (with num_classes when it takes it); weights go into it, from a
+    state dict or an .npz by position (a Flower round's global weights); a module instance takes them too."""
+    import numpy as np
+
+    from lightning_inversion.attack import GradientInversion
+    from tests.helpers import TinyConvNet
+
+    torch.manual_seed(3)
+    server = TinyConvNet(num_classes=5, side=16)
+    np.savez(tmp_path / "global.npz", *[v.numpy() for v in server.state_dict().values()])
+    torch.save(server.state_dict(), tmp_path / "global.pt")
+    for path in ("global.npz", "global.pt"):
+        built = build_victim("tests.helpers.TinyConvNet", 5, (3, 16, 16), weights_path=tmp_path / path)
+        assert isinstance(built, TinyConvNet) and built.fc.out_features == 5
+        assert all(
+            torch.equal(a, b) for a, b in zip(built.state_dict().values(), server.state_dict().values())
+        )
+    module = GradientInversion(
+        TinyConvNet(num_classes=5, side=16),
+        num_classes=5,
+        image_shape=(3, 16, 16),
+        victim_weights=str(tmp_path / "global.npz"),
+    )
+    assert torch.equal(module.victim.conv.weight, server.conv.weight)
+    with pytest.raises(MissingWeightsError, match="do not fit"):
+        build_victim("tests.helpers.TinyConvNet", 7, (3, 16, 16), weights_path=tmp_path / "global.pt")
+    with pytest.raises(KeyError, match="neither a registered victim nor an importable class"):
+        build_victim("tests.helpers.NoSuchNet", 5, (3, 16, 16))

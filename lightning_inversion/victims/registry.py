@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lightning_inversion.victims.weights import MissingWeightsError, load_weights_file
+from lightning_inversion.victims.weights import load_weights_into
 
 Builder = Callable[..., nn.Module]
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -102,6 +102,13 @@ def build_victim(
         KeyError: ``name`` is unknown; the message lists the valid names.
         MissingWeightsError: Requested weights are not on this machine, or the weights file is bad.
     """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if not any(entry.pattern.fullmatch(name) for entry in _ENTRIES) and _looks_like_class_path(name):
+        if pretrained:
+            raise ValueError(f"no published weights for {name!r}; pass weights_path instead")
+        model = victim_from_class_path(name, num_classes)
+        return model if weights_path is None else load_weights_into(model, weights_path, name)
     entry, fields = _resolve(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -114,10 +121,36 @@ def build_victim(
         raise ValueError(f"no published weights for {name!r}; train it and pass weights_path instead")
     model = entry.builder(num_classes, image_shape, **fields)
     if weights_path is not None:
-        state = load_weights_file(weights_path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:  # missing, unexpected or misshapen entries
-            reason = " ".join(str(error).split())[:300]
-            raise MissingWeightsError(f"{weights_path}: the weights do not fit {name} ({reason})") from None
+        load_weights_into(model, weights_path, name)
     return model
+
+
+def _looks_like_class_path(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", name))
+
+
+def victim_from_class_path(class_path: str, num_classes: int) -> nn.Module:
+    """An instance of the ``nn.Module`` class named by ``class_path`` (``mypkg.Net``), built with
+    ``num_classes`` when its ``__init__`` takes that argument, else without arguments.
+
+    Raises:
+        KeyError: the class cannot be imported, or is not an ``nn.Module``.
+    """
+    import importlib
+    import inspect
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise KeyError(
+            f"{class_path!r} is neither a registered victim nor an importable class ({type(error).__name__}: "
+            f"{error}); registered names: {', '.join(list_victims()[:8])}, ... (see --help)"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise KeyError(f"{class_path!r} is not an nn.Module class")
+    try:
+        takes = "num_classes" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return cls(num_classes=num_classes) if takes else cls()
