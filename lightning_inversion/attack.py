@@ -384,16 +384,27 @@ class GradientInversion(pl.LightningModule):
         """
         dummy, seen = self.client_pass(images, labels)  # the objective casts to fp32 what is not
         with torch.autocast(self.device.type, enabled=False):
-            prior = sum(
-                (p(images, seen) for p in self.priors), torch.zeros(len(images), device=images.device)
-            )
             if self.targets == 1:
-                return self.matching(dummy), prior
+                return self.matching(dummy), self._priors(images, seen)
+            # Each target's slots on their own: its objective, and priors over its restarts only.
             owners = (torch.arange(len(images)) if slots is None else slots) // self.restarts
             targets, counts = torch.unique_consecutive(owners, return_counts=True)
-            pieces = zip(*(g.split(counts.tolist()) for g in dummy), strict=True)
-            costs = [self.matchings[t](list(d)) for t, d in zip(targets.tolist(), pieces, strict=True)]
-            return torch.cat(costs), prior
+            split = counts.tolist()
+            parts = zip(
+                targets.tolist(),
+                zip(*(g.split(split) for g in dummy), strict=True),
+                images.split(split),
+                _split_tree(seen, split),
+                strict=True,
+            )
+            costs, priors = zip(
+                *[(self.matchings[t](list(d)), self._priors(x, s)) for t, d, x, s in parts], strict=True
+            )
+            return torch.cat(costs), torch.cat(priors)
+
+    def _priors(self, images: Tensor, seen: dict) -> Tensor:
+        """The weighted sum of the priors of some restarts of one target, ``(r,)``."""
+        return sum((p(images, seen) for p in self.priors), torch.zeros(len(images), device=images.device))
 
     def _labels(self, idx: Tensor) -> Tensor:
         """The labels of some slots: ``(B,)`` shared, ``(r, B)`` per target, or ``(r, B, K)`` soft logits."""
@@ -410,6 +421,8 @@ class GradientInversion(pl.LightningModule):
         if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
             return self.dummy_images.sum() * 0
         images = self.dummy_images if len(idx) == len(self.dummy_images) else self.dummy_images[idx]
+        for prior in self.priors:  # weight schedules
+            prior.at_step(self.global_step, self.trainer.max_steps if self._trainer is not None else 0)
         cost, prior = self.restart_costs(images, self._labels(idx), self._local)
         loss = cost + prior  # (r,)
         with torch.no_grad():
@@ -629,6 +642,22 @@ class GradientInversion(pl.LightningModule):
     def reconstruct_result(self, sync: bool = False) -> Reconstruction:
         """The first (with ``targets`` 1, the only) target's :class:`Reconstruction`."""
         return self.reconstruct_results(sync)[0]
+
+
+def _split_tree(tree, sizes: list[int]) -> list:
+    """A tree of tensors with a leading axis, split into len(sizes) trees along it."""
+    if isinstance(tree, Tensor):
+        return list(tree.split(sizes))
+    if isinstance(tree, tuple | list):
+        return [type(tree)(parts) for parts in zip(*(_split_tree(t, sizes) for t in tree), strict=True)]
+    if isinstance(tree, dict):
+        keys, values = list(tree), [_split_tree(v, sizes) for v in tree.values()]
+        return (
+            [dict(zip(keys, parts, strict=True)) for parts in zip(*values, strict=True)]
+            if keys
+            else [{} for _ in sizes]
+        )
+    raise TypeError(f"cannot split {type(tree).__name__}")
 
 
 def _checked(restarts, num_images, num_classes, median_filter_every, lr, tv, image_shape, mean, std, priors):
