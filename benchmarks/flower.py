@@ -96,8 +96,8 @@ def _fallback_attack_class(weight: float):
             super().set_target(update)
             self._reference = RecoveredStatistics().statistics(self.victim, update)
 
-        def restart_costs(self, images, labels):
-            cost, tv = super().restart_costs(images, labels)
+        def restart_costs(self, images, labels, slots=None):
+            cost, tv = super().restart_costs(images, labels, slots)
             seen = {}
 
             def hook(name):

@@ -42,8 +42,8 @@ def run_api(victim, pixels, steps=300, **options):
 class WrongSign(GradientInversion):
     """A broken objective: maximises the matching cost instead of minimising it."""
 
-    def restart_costs(self, images, labels):
-        cost, tv = super().restart_costs(images, labels)
+    def restart_costs(self, images, labels, slots=None):
+        cost, tv = super().restart_costs(images, labels, slots)
         return -cost, tv
 
 
