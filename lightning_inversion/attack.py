@@ -105,9 +105,7 @@ class GradientInversion(pl.LightningModule):
         std: per-channel normalisation std (set from the data by the CLI).
         num_images: B, the number of images in the client's batch (set from the data by the CLI).
         restarts: R independent trials, optimised together as a batch axis; the best one wins.
-        targets: T independent targets (T clients' updates, each with its own labels), optimised in one fit as a
-            batch axis beside the restarts (:meth:`set_targets`); each target's restarts are scored and chosen on
-            their own (:attr:`reconstructions`). Target t is the separate run with seed ``seed + t·R``.
+        targets: T updates attacked in one fit (:meth:`set_targets`).
         objective: the gradient-matching objective, a :class:`~.objectives.MatchingObjective` (``Cosine``,
             ``LocalCosine``, ``L2``, ``L1``, ``MaxDifference``, with the compared layers and their weights) or the
             short name of one with its defaults: ``sim``, ``simlocal``, ``l2``, ``l1``, ``max``.
