@@ -64,81 +64,16 @@ def flower_update(net_name: str, images: torch.Tensor, labels: torch.Tensor, fol
     return server_net
 
 
-def has_priors() -> bool:
-    """Whether the attack takes a list of priors and priors.py has the BatchNorm-statistics prior."""
-    import inspect
-
-    from lightning_inversion.attack import GradientInversion
-
-    return (
-        hasattr(priors_module, "BatchNormStatistics")
-        and "priors" in inspect.signature(GradientInversion).parameters
-    )
-
-
 def prior_options(weight: float) -> dict:
     """The GradientInversion options that add the BatchNorm prior on recovered statistics."""
-    if not has_priors():
-        return {"_fallback_prior_weight": weight}
     prior = priors_module.BatchNormStatistics(RecoveredStatistics(), weight=weight)
     return {"priors": [prior]}
-
-
-def _fallback_attack_class(weight: float):
-    """Without the attack's priors list: the same prior, Σ_l ‖μ_l − μ̂_l‖ + ‖σ²_l − σ̂²_l‖ over the BatchNorm
-    layers, on the statistics of a separate train-mode forward pass of the dummy images (one restart)."""
-    from torch.func import functional_call
-
-    from lightning_inversion.attack import GradientInversion
-
-    class WithBatchNormPrior(GradientInversion):
-        def set_target(self, update) -> None:
-            super().set_target(update)
-            self._reference = RecoveredStatistics().statistics(self.victim, update)
-
-        def restart_costs(self, images, labels, slots=None):
-            cost, tv = super().restart_costs(images, labels, slots)
-            seen = {}
-
-            def hook(name):
-                def record(module, args):
-                    x = args[0]
-                    dims = [0, *range(2, x.dim())]
-                    seen.setdefault(name, (x.mean(dims), x.var(dims, unbiased=False)))
-
-                return record
-
-            modules = dict(self.victim.named_modules())
-            handles = [modules[n].register_forward_pre_hook(hook(n)) for n in self._reference]
-            try:
-                buffers = {k: v.clone() for k, v in self.victim.named_buffers()}
-                functional_call(self.victim, (dict(self.victim.named_parameters()), buffers), (images[0],))
-            finally:
-                for h in handles:
-                    h.remove()
-            prior = sum(
-                (seen[n][0] - m).norm() + (seen[n][1] - v).norm() for n, (m, v) in self._reference.items()
-            )
-            return cost + weight * prior, tv
-
-    return WithBatchNormPrior
 
 
 def attack(
     server_net, update, truth, num_images: int, steps: int, extra: dict, tv: float = 1e-2
 ) -> tuple[float, torch.Tensor]:
     server_net.train()  # the client's mode
-    extra = dict(extra)
-    fallback = extra.pop("_fallback_prior_weight", None)
-    if fallback is not None:
-        import lightning_inversion.api as api
-
-        original = api.GradientInversion
-        api.GradientInversion = _fallback_attack_class(fallback)
-        try:
-            return attack(server_net, update, truth, num_images, steps, extra, tv)
-        finally:
-            api.GradientInversion = original
     result = reconstruct(
         server_net,
         update,
@@ -160,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4], help="batch sizes")
     parser.add_argument("--targets", type=int, default=8, help="photos (or groups of photos) per batch size")
+    parser.add_argument("--skip", type=int, default=0, help="groups of photos to skip (to split a run)")
     parser.add_argument("--nets", nargs="+", default=["tutorial", "bn"], choices=list(NETS))
     parser.add_argument("--prior-weight", type=float, default=0.1)
     parser.add_argument("--tv", type=float, default=0.1, help="weight of the total-variation prior")
@@ -170,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for num_images in args.images:
-        groups = [i * num_images for i in range(min(args.targets, 8 // num_images))]
+        groups = [i * num_images for i in range(args.skip, min(args.skip + args.targets, 8 // num_images))]
         for net_name in args.nets:
             psnrs: dict[str, list[float]] = {c: [] for c in args.columns}
             pictures: dict[str, list[torch.Tensor]] = {c: [] for c in args.columns}

@@ -326,8 +326,8 @@ class InversionCLI(LightningCLI):
                 "--update_ground_truth",
                 type=bool | None,
                 default=None,
-                help="With --update: measure the reconstruction against the data's private batch (true), never "
-                "(false), or when the client's update of that batch reproduces --update, cosine >= 0.999 (null).",
+                help="With --update, compare with the data's private batch: always, never, or (null) when it "
+                "makes --update.",
             )
             parser.set_defaults(
                 {

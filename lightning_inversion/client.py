@@ -115,14 +115,12 @@ class Client:
             the whole batch at every step.
         local_epochs: FedAvg: if set, overrides ``local_steps`` with ``local_epochs · ceil(B / b)``.
         send: FedAvg: send the change ``θ_K − θ_0`` (``delta``) or the new weights ``θ_K`` (``weights``).
-        train_mode: run the victim in training mode (BatchNorm on batch statistics, running statistics updated),
-            as real FL clients do (Flower's ``net.train()``). ``None``: the update's mode, training mode when
-            the buffers it carries moved, else eval mode (the paper's default).
+        train_mode: training mode (BatchNorm on batch statistics), as Flower's ``net.train()``. ``None``: the
+            update's (train when its buffers moved), else eval mode.
         num_clients: secure aggregation: the private batch is split into this many equal client batches, each
             client computes its own update, and the server sees only their average.
-        momentum: FedAvg: the momentum of the client's local SGD (``torch.optim.SGD``'s, dampening 0; 0.9 in
-            PyTorch's tutorials); the momentum buffer starts at zero in every round.
-        weight_decay: FedAvg: the L2 weight decay of the client's local SGD (``torch.optim.SGD``'s).
+        momentum: FedAvg: local SGD momentum (``torch.optim.SGD``'s; new each round).
+        weight_decay: FedAvg: local SGD weight decay (``torch.optim.SGD``'s).
     """
 
     def __init__(

@@ -109,3 +109,21 @@ def test_an_eval_mode_update_has_no_statistics_to_recover():
     assert not update.buffers_moved
     with pytest.raises(InputError, match="running statistics moved"):
         RecoveredStatistics().statistics(net, update)
+
+
+@pytest.mark.slow
+def test_resnet18_statistics_are_recovered_at_every_batchnorm_layer():
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=8)
+    images = torch.randn(2, 3, 32, 32)
+    update = Client(protocol="fedsgd", train_mode=True).update(net, images, torch.tensor([1, 2]))
+    recovered = RecoveredStatistics().statistics(net, update)
+    truth = true_statistics(
+        net, images
+    )  # the update ran on copies of the buffers: net still holds the globals
+    assert len(recovered) == 20
+    for name, (mean, var) in recovered.items():
+        torch.testing.assert_close(mean, truth[name][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, truth[name][1], rtol=1e-4, atol=1e-4)

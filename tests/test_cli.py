@@ -50,7 +50,7 @@ def test_demo_runs_through_the_real_cli(tmp_path):
     assert 0 < metrics["psnr"] < 60 and "ssim" in metrics and "feature_mse" in metrics
     assert metrics["label_accuracy"] == 1.0
     saved = torch.load(folder / "reconstruction.pt", weights_only=True)
-    assert saved["images"].shape == (1, 3, 32, 32)
+    assert saved["images"].shape == (1, 3, 28, 28)  # the demo: the cat at 28×28
     assert 0 <= saved["images"].min() and saved["images"].max() <= 1
 
 
@@ -69,7 +69,7 @@ def test_overrides_reach_the_module(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    assert cli.model.dummy_images.shape == (2, 2, 3, 32, 32)
+    assert cli.model.dummy_images.shape == (2, 2, 3, 28, 28)
     assert cli.model.objective.cost == "l2" and cli.model.num_classes == 8
 
 

@@ -18,6 +18,7 @@ pytest.importorskip("flwr")
 from flwr.common import ndarrays_to_parameters  # noqa: E402
 
 from lightning_inversion.api import reconstruct  # noqa: E402
+from lightning_inversion.buffers import RecoveredStatistics  # noqa: E402
 from lightning_inversion.cli import main  # noqa: E402
 from lightning_inversion.client import Client  # noqa: E402
 from lightning_inversion.errors import InputError  # noqa: E402
@@ -246,14 +247,28 @@ def test_the_strategy_wrapper_records_a_federation_that_the_cli_attacks(tmp_path
         "--data.num_images=2",
         "--data.start_index=2",
         f"--update={round_2 / 'client_1.npz'}",
+        # the buffers used: the BatchNorm-statistics prior on the statistics solved from them
+        '--model.priors=[{"class_path": "lightning_inversion.priors.BatchNormStatistics", "init_args": '
+        '{"reference": {"class_path": "lightning_inversion.buffers.RecoveredStatistics"}}}]',
         "--trainer.max_steps=2",
         "--report.lpips=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]
     cli = main(args)
     assert cli.model.client.momentum == 0.9 and cli.model.client.train_mode
+    prior = next(p for p in cli.model.priors if type(p).__name__ == "BatchNormStatistics")
+    truth = RecoveredStatistics().statistics(cli.model.victim, cli.model.update)
+    prepared = prior.prepared["statistics"]
+    assert prepared.keys() == truth.keys() == {"bn1", "bn2"}
+    for name, (mean, var) in truth.items():
+        torch.testing.assert_close(prepared[name][0].cpu(), mean)
+        torch.testing.assert_close(prepared[name][1].cpu(), var)
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert metrics["attack"]["steps"] == 2 and "psnr" in metrics
+    # --update_ground_truth false: no metrics, though the private batch made the update
+    cli = main([*args, "--update_ground_truth=false", "--trainer.max_steps=1", "--model.priors=[]"])
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert "psnr" not in metrics
     # round 1's global weights are not the ones round 2's update was computed from
     with pytest.raises(InputError, match="other global weights"):
         main([*args[:2], f"--model.victim_weights={tmp_path / 'audit/round_001/global.npz'}", *args[3:]])
