@@ -109,8 +109,7 @@ class GradientInversion(pl.LightningModule):
         objective: the gradient-matching objective, a :class:`~.objectives.MatchingObjective` (``Cosine``,
             ``LocalCosine``, ``L2``, ``L1``, ``MaxDifference``, with the compared layers and their weights) or the
             short name of one with its defaults: ``sim``, ``simlocal``, ``l2``, ``l1``, ``max``.
-        tv: weight of a :class:`~.priors.TotalVariation` prior put first among the priors (about 1e-2 for CIFAR in
-            the paper; 0: none). Give total variation either here or in ``priors``, not both.
+        tv: weight of a total-variation prior (0: none; not beside a ``TotalVariation`` in ``priors``).
         priors: further image priors, each a :class:`~.priors.ImagePrior` with its weight.
         signed: feed the optimiser the sign of the image gradient (the paper's signed Adam).
         boxed: clamp the dummy images to the valid pixel range [0, 1] after every step.
