@@ -106,11 +106,11 @@ class GradientInversion(pl.LightningModule):
         std: per-channel normalisation std (set from the data by the CLI).
         num_images: B, the number of images in the client's batch (set from the data by the CLI).
         restarts: R independent trials, optimised together as a batch axis; the best one wins.
+        targets: T updates attacked in one fit (:meth:`set_targets`).
         objective: the gradient-matching objective, a :class:`~.objectives.MatchingObjective` (``Cosine``,
             ``LocalCosine``, ``L2``, ``L1``, ``MaxDifference``, with the compared layers and their weights) or the
             short name of one with its defaults: ``sim``, ``simlocal``, ``l2``, ``l1``, ``max``.
-        tv: weight of a :class:`~.priors.TotalVariation` prior put first among the priors (about 1e-2 for CIFAR in
-            the paper; 0: none). Give total variation either here or in ``priors``, not both.
+        tv: weight of a total-variation prior (0: none; not beside a ``TotalVariation`` in ``priors``).
         priors: further image priors, each a :class:`~.priors.ImagePrior` with its weight.
         signed: feed the optimiser the sign of the image gradient (the paper's signed Adam).
         boxed: clamp the dummy images to the valid pixel range [0, 1] after every step.
@@ -153,6 +153,7 @@ class GradientInversion(pl.LightningModule):
         std: tuple[float, ...] = IMAGENET_STD,
         num_images: PositiveInt = 1,
         restarts: PositiveInt = 1,
+        targets: PositiveInt = 1,
         objective: Cost | MatchingObjective = "sim",
         tv: NonNegativeFloat = 1e-2,
         priors: list[ImagePrior] | None = None,
@@ -175,6 +176,7 @@ class GradientInversion(pl.LightningModule):
         priors = _checked(
             restarts, num_images, num_classes, median_filter_every, lr, tv, image_shape, mean, std, priors
         )
+        _check_whole("targets", targets, 1)
         # Plain Python values (not the parser's PositiveInt...): hyperparameters load with weights_only=True. The
         # parts given as objects are not hyper-parameters: run_identity() describes them.
         num_classes, num_images, restarts, lr = int(num_classes), int(num_images), int(restarts), float(lr)
@@ -203,6 +205,10 @@ class GradientInversion(pl.LightningModule):
             tuple(std),
         )
         self.num_images, self.restarts, self.tv, self.seed = num_images, restarts, tv, seed
+        self.targets = int(targets)
+        slots = self.targets * restarts  # (target, restart) pairs, target-major: slot t·R + r
+        if self.targets > 1 and init == "analytic":
+            raise InputError("init 'analytic' recovers one target's images: use targets 1")
         self.objective = OBJECTIVES[objective]() if isinstance(objective, str) else objective
         self.priors = ([TotalVariation(tv)] if tv > 0 else []) + priors
         self.label_strategy = _part(label_strategy, LABEL_STRATEGIES)
@@ -212,19 +218,24 @@ class GradientInversion(pl.LightningModule):
         self.median_filter_every = median_filter_every
 
         soft = (num_images, num_classes) if self.label_strategy.soft else None
-        images, soft_labels = initial_restarts(restarts, seed, init, (num_images, *image_shape), soft)
-        self.dummy_images = nn.Parameter(images)  # (R, B, C, H, W)
+        images, soft_labels = initial_restarts(slots, seed, init, (num_images, *image_shape), soft)
+        self.dummy_images = nn.Parameter(images)  # (T·R, B, C, H, W): see images_by_target
         self.dummy_labels = nn.Parameter(soft_labels) if soft_labels is not None else None
-        self.register_buffer("target_labels", torch.zeros(num_images, dtype=torch.long))
-        self.register_buffer("restart_steps", torch.zeros(restarts, dtype=torch.long))
-        self.update: Update | None = None
-        self.matching: GradientMatching | None = None  # the objective bound to the target, set by prepare()
+        labels_shape = (num_images,) if self.targets == 1 else (self.targets, num_images)
+        self.register_buffer("target_labels", torch.zeros(labels_shape, dtype=torch.long))  # (B,) or (T, B)
+        self.register_buffer("restart_steps", torch.zeros(slots, dtype=torch.long))
+        self.update: Update | None = None  # the (first) target update
+        self.updates: list[Update] = []  # every target's update
+        self.matching: GradientMatching | None = (
+            None  # the objective bound to the (first) target, by prepare()
+        )
+        self.matchings: list[GradientMatching] = []
         self._box: tuple[Tensor, Tensor] | None = None
-        self._local: Tensor = torch.arange(restarts)  # the restarts this process optimises
+        self._local: Tensor = torch.arange(slots)  # the (target, restart) slots this process optimises
         self._local_on_device: Tensor | None = None
-        self._world = 1  # processes sharing the restarts
-        self.last_cost = torch.full((restarts,), math.nan)  # each restart's latest matching cost (no priors)
-        self._reconstruction: Reconstruction | None = None
+        self._world = 1  # processes sharing the slots
+        self.last_cost = torch.full((slots,), math.nan)  # each slot's latest matching cost (no priors)
+        self._reconstructions: list[Reconstruction] | None = None
         self.analytic_features: Tensor | None = None  # the closed-form input of the first linear layer
         self.analytic_exact = False  # whether those are the images themselves
         self._identity: dict | None = None
@@ -235,16 +246,32 @@ class GradientInversion(pl.LightningModule):
     # --- setting up ---------------------------------------------------------------------------------------
     def set_target(self, update: Update) -> None:
         """Set the update to invert; checks it against the victim and recovers labels if asked to."""
-        check_target(update, self.victim, self.client, self.num_images, self.num_classes)
-        self.update = update
+        self.set_targets([update])
+
+    def set_targets(self, updates: list[Update]) -> None:
+        """Set the T updates to invert (one per target), each checked and its labels recovered if asked to."""
+        if len(updates) != self.targets:
+            raise TargetMismatchError(
+                f"{len(updates)} target updates for an attack on targets={self.targets}"
+            )
+        for t, update in enumerate(updates):
+            check_target(update, self.victim, self.client, self.num_images, self.num_classes)
+            strategy = self.label_strategy.resolve(update, self.num_images)
+            try:
+                labels = strategy.labels(update, self.victim, self.num_images, self.num_classes)
+            except ValueError as error:
+                raise TargetMismatchError(f"label_strategy {strategy.name!r}: {error}") from None
+            if labels is not None:
+                row = self.target_labels if self.targets == 1 else self.target_labels[t]
+                row.copy_(labels.to(self.target_labels.device))
+        self.update, self.updates = updates[0], list(updates)
         if self.init == "analytic":
-            self._analytic_init(update)
-        try:
-            labels = self.label_strategy.labels(update, self.victim, self.num_images, self.num_classes)
-        except ValueError as error:
-            raise TargetMismatchError(f"label_strategy {self.labels_from!r}: {error}") from None
-        if labels is not None:
-            self.target_labels.copy_(labels.to(self.target_labels.device))
+            self._analytic_init(updates[0])
+
+    @property
+    def images_by_target(self) -> Tensor:
+        """The dummy images as ``(T, R, B, C, H, W)`` (a view of the parameter)."""
+        return self.dummy_images.view(self.targets, self.restarts, *self.dummy_images.shape[1:])
 
     def _analytic_init(self, update: Update, overwrite_images: bool = True) -> None:
         from .analytic import analytic_start
@@ -272,7 +299,7 @@ class GradientInversion(pl.LightningModule):
             world, rank = self.trainer.world_size, self.trainer.global_rank
             check_precision(self.trainer.precision)
         self._local, self._local_on_device, self._world = (
-            local_restarts(self.restarts, world, rank),
+            local_restarts(self.targets * self.restarts, world, rank),
             None,
             world,
         )
@@ -303,14 +330,23 @@ class GradientInversion(pl.LightningModule):
             raise RuntimeError(
                 "no target update: call set_target(update) before fitting, or resume a checkpoint"
             )
-        self.update = self.update.to(self.device)
+        self.updates = [u.to(self.device) for u in (self.updates or [self.update])]
+        self.update = self.updates[0]
         # On a GPU the cosine runs over one concatenated vector (fewer kernel launches); on a CPU per tensor, which
         # is faster there (BENCHMARKS.md).
+        flat = self.device.type == "cuda"
         try:
-            self.matching = self.objective.bind(self.update.tensors, flat=self.device.type == "cuda")
+            self.matchings = [self.objective.bind(u.tensors, flat=flat) for u in self.updates]
         except ValueError as error:  # a layer selection that does not fit this victim
             raise InputError(f"objective layers {self.objective.layers!r}: {error}") from None
+        self.matching = self.matchings[0]
+        if any(m.indices != self.matching.indices for m in self.matchings):
+            raise InputError(
+                f"objective layers {self.objective.layers!r} compare other tensors for each target"
+            )
         for prior in self.priors:
+            if self.targets > 1 and type(prior).prepare is not ImagePrior.prepare:
+                raise InputError(f"the prior {type(prior).__name__} reads the target update: use targets 1")
             prior.prepare(self.victim, self.update)
         self._box = box_bounds(self.mean, self.std, self.dummy_images)
         self.last_cost = self.last_cost.to(self.device)
@@ -334,21 +370,47 @@ class GradientInversion(pl.LightningModule):
         """The client's update for each restart's dummy images, for the compared tensors only."""
         return self.client_pass(images, labels)[0]
 
-    def restart_costs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def restart_costs(
+        self, images: Tensor, labels: Tensor, slots: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Matching cost and the weighted sum of the priors of each restart, both ``(r,)`` in fp32.
 
-        Under mixed precision the victim's passes run in half precision; the dummy update is cast to fp32 and the
-        objective runs outside autocast, so the cosine is never rounded in half precision.
+        ``slots``: the (target, restart) slots of ``images`` (on the CPU, ascending; all when ``None``), which say
+        the target each is matched with. Under mixed precision the victim's passes run in half precision; the
+        dummy update is cast to fp32 and the objective runs outside autocast, so the cosine is never rounded in
+        half precision.
         """
         dummy, seen = self.client_pass(images, labels)  # the objective casts to fp32 what is not
         with torch.autocast(self.device.type, enabled=False):
-            prior = sum(
-                (p(images, seen) for p in self.priors), torch.zeros(len(images), device=images.device)
+            if self.targets == 1:
+                return self.matching(dummy), self._priors(images, seen)
+            # Each target's slots on their own: its objective, and priors over its restarts only.
+            owners = (torch.arange(len(images)) if slots is None else slots) // self.restarts
+            targets, counts = torch.unique_consecutive(owners, return_counts=True)
+            split = counts.tolist()
+            parts = zip(
+                targets.tolist(),
+                zip(*(g.split(split) for g in dummy), strict=True),
+                images.split(split),
+                _split_tree(seen, split),
+                strict=True,
             )
-            return self.matching(dummy), prior
+            costs, priors = zip(
+                *[(self.matchings[t](list(d)), self._priors(x, s)) for t, d, x, s in parts], strict=True
+            )
+            return torch.cat(costs), torch.cat(priors)
+
+    def _priors(self, images: Tensor, seen: dict) -> Tensor:
+        """The weighted sum of the priors of some restarts of one target, ``(r,)``."""
+        return sum((p(images, seen) for p in self.priors), torch.zeros(len(images), device=images.device))
 
     def _labels(self, idx: Tensor) -> Tensor:
-        return self.target_labels if self.dummy_labels is None else self.dummy_labels[idx]
+        """The labels of some slots: ``(B,)`` shared, ``(r, B)`` per target, or ``(r, B, K)`` soft logits."""
+        if self.dummy_labels is not None:
+            return self.dummy_labels[idx]
+        if self.targets == 1:
+            return self.target_labels
+        return self.target_labels[idx.to(self.target_labels.device) // self.restarts]
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if self._local_on_device is None or self._local_on_device.device != self.device:
@@ -356,11 +418,10 @@ class GradientInversion(pl.LightningModule):
         idx = self._local_on_device
         if len(idx) == 0:  # more processes than restarts: this one only joins the all-reduce
             return self.dummy_images.sum() * 0
-        images = self.dummy_images if len(idx) == self.restarts else self.dummy_images[idx]
-        if self._trainer is not None:  # weight schedules (group consistency)
-            for image_prior in self.priors:
-                image_prior.at_step(self.trainer.global_step, self.trainer.max_steps)
-        cost, prior = self.restart_costs(images, self._labels(idx))
+        images = self.dummy_images if len(idx) == len(self.dummy_images) else self.dummy_images[idx]
+        for image_prior in self.priors:  # weight schedules (group consistency)
+            image_prior.at_step(self.global_step, self.trainer.max_steps if self._trainer is not None else 0)
+        cost, prior = self.restart_costs(images, self._labels(idx), self._local)
         loss = cost + prior  # (r,)
         with torch.no_grad():
             self.last_cost[idx] = cost.detach()
@@ -466,6 +527,8 @@ class GradientInversion(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.update is not None:
             checkpoint["target_update"] = self.update.state_dict()
+        if self.targets > 1 and self.updates:
+            checkpoint["target_updates"] = [u.state_dict() for u in self.updates]
         checkpoint["attack_identity"] = self.run_identity()
         checkpoint["attack_seconds"] = self._elapsed()
         if self._trainer is not None:
@@ -478,6 +541,8 @@ class GradientInversion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "target_update" in checkpoint:
             self.update = Update.from_state_dict(checkpoint["target_update"])
+            stored = checkpoint.get("target_updates") or [checkpoint["target_update"]]
+            self.updates = [Update.from_state_dict(u) for u in stored]
             if self.init == "analytic" and self.analytic_features is None:  # not saved; the images are
                 self._analytic_init(self.update, overwrite_images=False)
         self._seconds = float(checkpoint.get("attack_seconds", 0.0))
@@ -500,22 +565,31 @@ class GradientInversion(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._seconds, self._started = self._elapsed(), None
-        self.reconstruction = self.reconstruct_result(sync=True)
+        self.reconstructions = self.reconstruct_results(sync=True)
+
+    @property
+    def reconstructions(self) -> list[Reconstruction] | None:
+        """The results of the last ``fit``, one per target (``None`` before one ran a step).
+
+        Under ``ddp_spawn`` the run happens in worker processes and only the module's state comes back to the
+        caller, so the results are rebuilt from the returned dummy images on first access.
+        """
+        if self._reconstructions is None and self._came_back_from_workers():
+            self._reconstructions = self.reconstruct_results()
+        return self._reconstructions
+
+    @reconstructions.setter
+    def reconstructions(self, value: list[Reconstruction] | None) -> None:
+        self._reconstructions = value
 
     @property
     def reconstruction(self) -> Reconstruction | None:
-        """The result of the last ``fit`` (``None`` before one ran a step).
-
-        Under ``ddp_spawn`` the run happens in worker processes and only the module's state comes back to the
-        caller, so the result is rebuilt from the returned dummy images on first access.
-        """
-        if self._reconstruction is None and self._came_back_from_workers():
-            self._reconstruction = self.reconstruct_result()
-        return self._reconstruction
+        """The result of the last ``fit`` for the first (with ``targets`` 1, the only) target."""
+        return None if self.reconstructions is None else self.reconstructions[0]
 
     @reconstruction.setter
-    def reconstruction(self, value: Reconstruction | None) -> None:
-        self._reconstruction = value
+    def reconstruction(self, value: Reconstruction) -> None:
+        self._reconstructions = [value]
 
     def _came_back_from_workers(self) -> bool:
         # The caller's copy of a spawned run has run steps but no trainer (or a finished one), and no result.
@@ -531,28 +605,68 @@ class GradientInversion(pl.LightningModule):
         local = self._local.to(self.dummy_images.device)
 
         def matching(images: Tensor) -> Tensor:
-            return self.restart_costs(images, self._labels(local))[0]
+            return self.restart_costs(images, self._labels(local), self._local)[0]
 
         scores = restart_scores(self.restart_selection, self.dummy_images, local, matching)
         if sync and self._trainer is not None and self.trainer.world_size > 1:
             scores = self.trainer.strategy.reduce(scores, reduce_op="sum")
         return valid_scores(scores, self.restart_steps, self.analytic_exact)
 
-    def reconstruct_result(self, sync: bool = False) -> Reconstruction:
-        """Score the restarts and build the :class:`Reconstruction` (images de-normalised to [0, 1])."""
-        soft = None if self.dummy_labels is None else self.dummy_labels.detach()
-        result = reconstruction(
-            self.restart_selection, dummy_images_as_pixels(self), self.restart_scores(sync), self.restart_steps,
-            soft if soft is not None else self.target_labels, self.labels_from, self._seconds,
-        )  # fmt: skip
-        result.threat_model = self.threat_model()
-        return result
+    def reconstruct_results(self, sync: bool = False) -> list[Reconstruction]:
+        """Score the restarts and build one :class:`Reconstruction` per target (images de-normalised to [0, 1]);
+        each target's restarts are chosen among themselves."""
+        scores, pixels, r = self.restart_scores(sync), dummy_images_as_pixels(self), self.restarts
+        results = []
+        for t in range(self.targets):
+            own = slice(t * r, (t + 1) * r)
+            if self.dummy_labels is not None:
+                labels = self.dummy_labels[own].detach()
+            else:
+                labels = self.target_labels if self.targets == 1 else self.target_labels[t]
+            update = self.updates[t] if self.updates else self.update
+            results.append(
+                reconstruction(
+                    self.restart_selection,
+                    pixels[own],
+                    scores[own],
+                    self.restart_steps[own],
+                    labels,
+                    self.label_strategy.resolve(update, self.num_images).name,
+                    self._seconds,
+                )  # fmt: skip
+            )
+            results[-1].threat_model = self.threat_model(update)
+        return results
 
-    def threat_model(self) -> dict:
-        """What this attack assumes: labels, BatchNorm statistics, images known, the client's mode
+    def reconstruct_result(self, sync: bool = False) -> Reconstruction:
+        """The first (with ``targets`` 1, the only) target's :class:`Reconstruction`."""
+        return self.reconstruct_results(sync)[0]
+
+    def threat_model(self, update: Update | None = None) -> dict:
+        """What this attack assumes of one target: labels, BatchNorm statistics, images known, the client's mode
         (:func:`~lightning_inversion.threat_model.threat_model`)."""
-        known = self.update is not None and self.update.num_images is not None
-        return threat_model(self.labels_from, self.priors, self.num_images, known, self.client.train_mode)
+        update = update if update is not None else self.update
+        labels_from = (
+            self.label_strategy.resolve(update, self.num_images).name if update is not None else None
+        )
+        known = update is not None and update.num_images is not None
+        return threat_model(labels_from, self.priors, self.num_images, known, self.client.train_mode)
+
+
+def _split_tree(tree, sizes: list[int]) -> list:
+    """A tree of tensors with a leading axis, split into len(sizes) trees along it."""
+    if isinstance(tree, Tensor):
+        return list(tree.split(sizes))
+    if isinstance(tree, tuple | list):
+        return [type(tree)(parts) for parts in zip(*(_split_tree(t, sizes) for t in tree), strict=True)]
+    if isinstance(tree, dict):
+        keys, values = list(tree), [_split_tree(v, sizes) for v in tree.values()]
+        return (
+            [dict(zip(keys, parts, strict=True)) for parts in zip(*values, strict=True)]
+            if keys
+            else [{} for _ in sizes]
+        )
+    raise TypeError(f"cannot split {type(tree).__name__}")
 
 
 def _checked(restarts, num_images, num_classes, median_filter_every, lr, tv, image_shape, mean, std, priors):

@@ -3,8 +3,8 @@
 Each target is one private image of a :class:`~lightning_inversion.data.VisionData`'s target split, attacked on
 its own (one client, one image, as in the paper's Table 1): the simulated client computes its update, a fresh
 :class:`~lightning_inversion.attack.GradientInversion` with the same options inverts it, and the result is
-measured against the ground truth. The targets run one after another in a Python loop (each has its own target
-gradient, so they cannot share one optimisation); restarts inside a target are still a batch axis.
+measured against the ground truth. Up to ``targets_per_fit`` targets share one fit: the attack's ``targets`` axis
+optimises them together, batched like restarts, each against its own update and its restarts chosen on their own.
 
 Outputs in ``output_dir``: ``evaluation.csv`` (one row per target), ``evaluation.md`` (mean ± std of each
 metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the images). They
@@ -35,6 +35,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
@@ -46,6 +47,7 @@ from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
 from .notices import lightning_notices_silenced
 from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .targets import attack_victim
 from .threat_model import COLUMNS as THREAT_MODEL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -107,18 +109,6 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def _build_victim(
-    victim: str | nn.Module, data: VisionData, pretrained: bool, victim_weights: str | None
-) -> nn.Module:
-    if not isinstance(victim, str):
-        return victim
-    from .victims import build_victim
-
-    return build_victim(
-        victim, data.num_classes, tuple(data.image_shape), pretrained=pretrained, weights_path=victim_weights
-    )
-
-
 def evaluate_targets(
     data: VisionData,
     victim: str | nn.Module = "ConvNet-16",
@@ -129,6 +119,7 @@ def evaluate_targets(
     trainer_kwargs: dict[str, Any] | None = None,
     output_dir: str | Path | None = None,
     lpips: bool = True,
+    targets_per_fit: int = 8,
 ) -> Evaluation:
     """Attack each target image on its own and measure every reconstruction (a loop over targets).
 
@@ -136,7 +127,8 @@ def evaluate_targets(
         data: the dataset the targets come from (its target split, normalisation and number of classes).
         victim: the shared model: a registry name (built once, with ``pretrained``/``victim_weights`` from
             ``attack_options``) or an ``nn.Module`` (its ``requires_grad`` flags are turned off, as the attack
-            does).
+            does). A ``victim_checkpoint`` in ``attack_options`` replaces it: the clients and the attack both use
+            the checkpoint's victim.
         targets: indices into the data's target split. ``None``: the first ``num_targets`` indices, or without
             that the data's own selection (``target_indices``, else ``num_images`` from ``start_index``).
         num_targets: how many targets when ``targets`` is not given.
@@ -149,6 +141,9 @@ def evaluate_targets(
         output_dir: where to write ``evaluation.csv``, ``evaluation.md``, ``evaluation.png`` and
             ``evaluation.pt``, after every target; ``None`` writes nothing. It is tried before the first target.
         lpips: measure LPIPS (AlexNet) where its weights can be had.
+        targets_per_fit: how many targets one fit attacks at once (the attack's ``targets`` axis, batched like
+            restarts; target t of a fit starts from the seeds of a separate run with seed ``seed + t·R``); the
+            results are written as each fit finishes. 1: one fit per target.
 
     Returns:
         an :class:`Evaluation` with the rows, the summary and the images.
@@ -164,9 +159,17 @@ def evaluate_targets(
         )
     pretrained = options.pop("pretrained", False)
     victim_weights = options.pop("victim_weights", None)
+    victim_checkpoint = options.pop("victim_checkpoint", None)
     victim = options.pop("victim", victim)
     victim_name = victim if isinstance(victim, str) else type(victim).__name__
-    victim = _build_victim(victim, data, pretrained, victim_weights)
+    if victim_checkpoint is not None:
+        victim_name = f"checkpoint {victim_checkpoint}"
+    if isinstance(victim, str) or victim_checkpoint is not None:
+        # One victim for the clients and the attack: the checkpoint's when given, else built from its name.
+        victim = attack_victim(
+            victim, data.num_classes, tuple(data.image_shape), tuple(data.mean), tuple(data.std), pretrained,
+            victim_weights, victim_checkpoint,
+        )  # fmt: skip
     client = client or Client()
     dataset = data.target_set()
     if targets is None:
@@ -188,33 +191,31 @@ def evaluate_targets(
     images, truths = [], []
     flags, was_training = [p.requires_grad for p in victim.parameters()], victim.training
     try:
-        for n, index in enumerate(targets):
-            try:
-                image, label = dataset[index]
-            except UNREADABLE as error:  # this target only: the others are still worth their time
-                rows.append(_skipped(index, error))
-                log.error(
-                    "target %d/%d (index %d) skipped: %s", n + 1, len(targets), index, rows[-1]["error"]
-                )
-            else:
-                row, image, truth = _attack_one(
-                    data, victim, image, label, index, options, client, settings, metric
-                )
+        for start in range(0, len(targets), targets_per_fit):
+            chunk, readable, skipped = targets[start : start + targets_per_fit], [], {}
+            for position, index in enumerate(chunk):
+                try:
+                    readable.append((index, *dataset[index]))
+                except UNREADABLE as error:  # this target only: the others are still worth their time
+                    skipped[position] = _skipped(index, error)
+                    log.error("target (index %d) skipped: %s", index, skipped[position]["error"])
+            attacked = iter(_attack_chunk(data, victim, readable, options, client, settings, metric))
+            for position in range(len(chunk)):  # in the order of the targets
+                if position in skipped:
+                    rows.append(skipped[position])
+                    continue
+                row, image, truth = next(attacked)
                 rows.append(row)
                 images.append(image)
                 truths.append(truth)
                 log.info(
                     "target %d/%d (index %d): PSNR %.2f dB, SSIM %.3f, %.1f s",
-                    n + 1,
-                    len(targets),
-                    index,
-                    row["psnr"],
-                    row["ssim"],
-                    row["seconds"],
-                )
-            if output_dir is not None and n + 1 < len(targets):  # what is done so far survives a stop
+                    len(rows), len(targets), row["index"], row["psnr"], row["ssim"], row["seconds"],
+                )  # fmt: skip
+            done = start + len(chunk)
+            if output_dir is not None and done < len(targets):  # what is done so far survives a stop
                 pending = (
-                    f"{len(targets) - n - 1} of {len(targets)} targets still to run when this was written"
+                    f"{len(targets) - done} of {len(targets)} targets still to run when this was written"
                 )
                 partial = _collect(rows, images, truths, [*notes, pending])
                 write_evaluation(output_dir, partial, description)
@@ -255,22 +256,22 @@ def _skipped(index: int, error: BaseException) -> dict[str, Any]:
     return row
 
 
-def _attack_one(
+def _attack_chunk(
     data: VisionData,
     victim: nn.Module,
-    image: Tensor,
-    label: int,
-    index: int,
+    items: list[tuple[int, Tensor, int]],
     options: dict[str, Any],
     client: Client,
     settings: dict[str, Any],
     metric: LPIPSMetric | None,
-) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """One target: the client's update, a fresh attack on it, and the measurements (row, images, truth)."""
+) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
+    """Some targets ``(index, image, label)`` in one fit: each client's update, one attack with a target axis, and
+    each target's measurements (row, images, truth)."""
+    if not items:
+        return []
     device = next(victim.parameters()).device
-    x = torch.as_tensor(image)[None]  # (1, C, H, W), normalised
-    y = torch.tensor([int(label)])
-    truth = denormalize(x, data.mean, data.std).clamp(0, 1)
+    xs = [torch.as_tensor(image)[None] for _, image, _ in items]  # (1, C, H, W) each, normalised
+    ys = [torch.tensor([int(label)]) for _, _, label in items]
     module = GradientInversion(
         victim,
         num_classes=data.num_classes,
@@ -278,31 +279,38 @@ def _attack_one(
         mean=tuple(data.mean),
         std=tuple(data.std),
         num_images=1,
+        targets=len(items),
         client=client,
         **options,
     )
-    module.set_target(client.update(victim, x.to(device), y.to(device)))
+    module.set_targets(
+        [client.update(victim, x.to(device), y.to(device)) for x, y in zip(xs, ys, strict=True)]
+    )
     started = time.perf_counter()
     with _quiet_lightning():
         pl.Trainer(**settings).fit(module)
     wall = time.perf_counter() - started
-    result = module.reconstruction or module.reconstruct_result()
-    measured = evaluate(result.images, truth, result.labels, y, victim, data.mean, data.std, metric)
-    row = {
-        "index": index,
-        "label": int(label),
-        "psnr": measured["psnr"],
-        "ssim": measured["ssim"],
-        "lpips": measured["lpips"],
-        "mse": measured["mse"],
-        "feature_mse": measured.get("feature_mse"),
-        "label_accuracy": measured.get("label_accuracy"),
-        "seconds": result.seconds or wall,
-        "chosen_restart": result.chosen_restart,
-        **{key: (result.threat_model or {}).get(key) for key in THREAT_MODEL_COLUMNS},
-        "error": None,
-    }
-    return row, result.images.float().cpu(), truth
+    results = module.reconstructions or module.reconstruct_results()
+    out = []
+    for (index, _, label), x, y, result in zip(items, xs, ys, results, strict=True):
+        truth = denormalize(x, data.mean, data.std).clamp(0, 1)
+        measured = evaluate(result.images, truth, result.labels, y, victim, data.mean, data.std, metric)
+        row = {
+            "index": index,
+            "label": int(label),
+            "psnr": measured["psnr"],
+            "ssim": measured["ssim"],
+            "lpips": measured["lpips"],
+            "mse": measured["mse"],
+            "feature_mse": measured.get("feature_mse"),
+            "label_accuracy": measured.get("label_accuracy"),
+            "seconds": (result.seconds or wall) / len(items),  # the fit's time, shared by its targets
+            "chosen_restart": result.chosen_restart,
+            **{key: (result.threat_model or {}).get(key) for key in THREAT_MODEL_COLUMNS},
+            "error": None,
+        }
+        out.append((row, result.images.float().cpu(), truth))
+    return out
 
 
 @contextmanager
@@ -440,6 +448,12 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
     parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
     parser.add_class_arguments(InversionReport, "report", instantiate=False)
+    parser.add_argument(
+        "--targets_per_fit",
+        type=PositiveInt,
+        default=8,
+        help="How many targets one fit attacks at once (batched like restarts); results are written after each fit.",
+    )
     return parser
 
 
@@ -483,6 +497,7 @@ def main(args: list[str] | None = None) -> Evaluation:
                 trainer_kwargs=trainer_kwargs,
                 output_dir=output_dir,
                 lpips=config.report.lpips,
+                targets_per_fit=config.targets_per_fit,
             )
         except (SIGTERMException, KeyboardInterrupt):  # a KeyboardInterrupt comes between two targets
             log.error("interrupted: the targets that finished are in %s", Path(output_dir).resolve())

@@ -87,7 +87,7 @@ def batched_client_pass(
         client: the client's protocol.
         victim: the victim (its parameters and buffers are used).
         images: ``(r, B, C, H, W)`` dummy images.
-        labels: ``(B,)`` hard labels, or ``(r, B, K)`` soft-label logits.
+        labels: ``(B,)`` hard labels shared by all, ``(r, B)`` hard labels each, or ``(r, B, K)`` soft-label logits.
         only: the indices of the compared parameters (all if ``None``).
         needs: what the priors ask of the pass (see :mod:`lightning_inversion.priors`); nothing is recorded, at no
             cost, when empty.
@@ -97,7 +97,7 @@ def batched_client_pass(
         leading ``r`` axis.
     """
     params, buffers = dict(victim.named_parameters()), dict(victim.named_buffers())
-    soft, train_mode, r = labels.dim() == 3, client.train_mode, images.shape[0]
+    per_slot, train_mode, r = labels.dim() >= 2, client.train_mode, images.shape[0]
 
     def one(x: Tensor, y: Tensor, b: dict[str, Tensor]) -> tuple[tuple[Tensor, ...], dict]:
         seen = {k: {} for k in needs} if needs else None
@@ -106,7 +106,9 @@ def batched_client_pass(
 
     if r == 1:  # a single restart does not pay for batching
         b = {k: v.clone() for k, v in buffers.items()} if train_mode else buffers
-        update, seen = tree_map(lambda t: t.unsqueeze(0), one(images[0], labels[0] if soft else labels, b))
+        update, seen = tree_map(
+            lambda t: t.unsqueeze(0), one(images[0], labels[0] if per_slot else labels, b)
+        )
         return list(update), seen
     cpu_autocast = images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     if train_mode and cpu_autocast and _has_batchnorm(victim):
@@ -115,7 +117,7 @@ def batched_client_pass(
         # map, see client.EvalBatchNormAsAffine, and vmap takes it.)
         passes = [
             batched_client_pass(
-                client, victim, images[i : i + 1], labels[i : i + 1] if soft else labels, only, needs
+                client, victim, images[i : i + 1], labels[i : i + 1] if per_slot else labels, only, needs
             )
             for i in range(r)
         ]
@@ -123,7 +125,7 @@ def batched_client_pass(
         return list(joined[0]), joined[1]
     if train_mode:  # BatchNorm updates its statistics in place: give each restart its own copy
         buffers = {k: v.expand(r, *v.shape).clone() for k, v in buffers.items()}
-    in_dims = (0, 0 if soft else None, 0 if train_mode else None)
+    in_dims = (0, 0 if per_slot else None, 0 if train_mode else None)
     update, seen = torch.func.vmap(one, in_dims=in_dims, randomness="different")(images, labels, buffers)
     return list(update), seen
 

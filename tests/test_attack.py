@@ -42,8 +42,8 @@ def run_api(victim, pixels, steps=300, **options):
 class WrongSign(GradientInversion):
     """A broken objective: maximises the matching cost instead of minimising it."""
 
-    def restart_costs(self, images, labels):
-        cost, tv = super().restart_costs(images, labels)
+    def restart_costs(self, images, labels, slots=None):
+        cost, tv = super().restart_costs(images, labels, slots)
         return -cost, tv
 
 
@@ -171,3 +171,31 @@ def test_the_optimiser_only_touches_the_dummy_images(tiny_victim, cat16):
     fit(attack, steps=3)
     assert all(torch.equal(a, b) for a, b in zip(weights, tiny_victim.parameters()))
     assert all(p.grad is None for p in tiny_victim.parameters())
+
+
+def test_batched_targets_equal_separate_fits_over_the_first_steps(tiny_victim, cat16):
+    """T targets (each its own update, labels and seed) in one fit: each equals its own separate fit at first."""
+    pixels = [cat16, cat16.flip(-1), cat16.flip(-2)]
+    labels = [3, 5, 7]
+    updates = [
+        Client().update(tiny_victim, normalize(x, MEAN, STD), torch.tensor([y])) for x, y in zip(pixels, labels)
+    ]
+    batched = GradientInversion(
+        tiny_victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, restarts=2, targets=3, seed=4,
+        tv=1e-4,
+    )  # fmt: skip
+    batched.set_targets(updates)
+    assert batched.target_labels.tolist() == [[3], [5], [7]]
+    fit(batched, steps=10)
+    results = batched.reconstructions
+    assert len(results) == 3 and batched.images_by_target.shape == (3, 2, 1, 3, 16, 16)
+    for t in range(3):
+        single = GradientInversion(
+            tiny_victim, num_classes=10, image_shape=(3, 16, 16), mean=MEAN, std=STD, restarts=2,
+            seed=4 + 2 * t, tv=1e-4,
+        )  # fmt: skip
+        single.set_target(updates[t])
+        alone = fit(single, steps=10)
+        assert torch.allclose(results[t].restarts, alone.restarts, atol=1e-5), t
+        assert results[t].scores == pytest_approx(alone.scores)
+        assert results[t].chosen_restart == alone.chosen_restart and results[t].labels.tolist() == [labels[t]]

@@ -259,3 +259,28 @@ def test_selection_and_combination():
     nothing, chosen = choose(LowestMatching(), restarts, torch.full((4,), math.inf))
     assert chosen is None and torch.isnan(nothing).all()
     assert LowestTotalVariation.score == "tv" and set(SELECTIONS) == {"matching", "tv", "mean", "median"}
+
+
+def test_with_several_targets_priors_see_each_targets_restarts_on_their_own(tiny_victim, cat16):
+    from lightning_inversion.images import normalize
+    from lightning_inversion.priors import GroupConsistency
+
+    prior = GroupConsistency(weight=1.0, start=0.0, ramp=0.0)
+    attack = GradientInversion(
+        tiny_victim, num_classes=10, image_shape=(3, 16, 16), restarts=2, targets=2, tv=0, priors=[prior]
+    )
+    updates = [Client().update(tiny_victim, normalize(x, attack.mean, attack.std), torch.tensor([y]))
+               for x, y in [(cat16, 3), (cat16.flip(-1), 5)]]  # fmt: skip
+    attack.set_targets(updates)
+    attack.prepare()
+    images = attack.dummy_images.detach()
+    slots = torch.arange(4)
+    cost, penalty = attack.restart_costs(images, attack._labels(slots), slots)
+    expected = torch.cat([prior(images[:2]), prior(images[2:])])  # the consensus of each target's restarts
+    torch.testing.assert_close(penalty, expected)
+    assert not torch.allclose(penalty, prior(images))  # not one consensus over both targets
+    each = [
+        attack.matchings[t](attack.dummy_update(images[2 * t : 2 * t + 2], attack.target_labels[t]))
+        for t in range(2)
+    ]
+    torch.testing.assert_close(cost, torch.cat(each))
