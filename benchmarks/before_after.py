@@ -8,7 +8,7 @@ load of a shared machine falls on all of them alike. Each undoes one change:
   wrapping);
 - ``log every step``: the four ``self.log`` calls of ``GradientInversion.training_step`` on every step (now: on
   the Trainer's logging steps and the last one; ``self.log`` costs about a millisecond a call);
-- ``autograd objective``: the cosine per tensor, its dots and squares differentiated by autograd, as in session 1
+- ``autograd objective``: the cosine per tensor, its dots and squares differentiated by autograd, as the first implementation did
   (now: on a CPU per tensor through ``objectives.dots_and_squares``, whose backward is one product and one
   ``addcmul`` per tensor; on a GPU over one concatenated vector, ``GradientMatching._flat_cosine_cost``);
 - ``fused eval batch norm``: the victim's eval-mode batch norm through PyTorch's fused op (now:

@@ -114,11 +114,8 @@ class GradientInversion(pl.LightningModule):
         priors: further image priors, each a :class:`~.priors.ImagePrior` with its weight.
         signed: feed the optimiser the sign of the image gradient (the paper's signed Adam).
         boxed: clamp the dummy images to the valid pixel range [0, 1] after every step.
-        init: initial dummy images: ``randn``, ``rand`` (uniform in [−1, 1]), ``zeros``, or ``analytic``: the
-            closed-form recovery through the victim's first biased linear layer (Phong et al. 2017; §4 of the
-            paper). When that layer reads the image itself (an MLP) the image is recovered exactly, without a
-            single optimisation step (run with ``trainer.max_steps 0``); otherwise the layer's input features are
-            recovered (``analytic_features``, measured by the report) and the images start from ``randn``.
+        init: initial dummy images: ``randn``, ``rand`` (uniform in [−1, 1]), ``zeros``, or ``analytic``
+            (closed-form recovery through the first biased linear layer: exact for an MLP, with max_steps 0).
         optimizer: the optimiser class (or callable) over the dummy images (and soft labels) only, e.g.
             ``torch.optim.Adam``, ``torch.optim.SGD`` or ``torch.optim.LBFGS``; options other than the learning
             rate go in ``init_args`` (e.g. ``momentum``).
@@ -140,8 +137,7 @@ class GradientInversion(pl.LightningModule):
         victim_checkpoint: a checkpoint written by ``train_victim.py``: the victim's architecture and weights come
             from it (``victim`` is then ignored), and its classes, image shape and normalisation must agree with
             the data's.
-        seed: restart r starts from images drawn with seed ``seed + r``, as R separate runs with seeds seed,
-            seed+1, … do (the trajectories then agree up to rounding; see the module docstring).
+        seed: restart r starts from images drawn with seed ``seed + r``, as separate runs with those seeds.
     """
 
     def __init__(

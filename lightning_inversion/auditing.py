@@ -54,11 +54,12 @@ from .client import Client
 from .data import VisionData
 from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
-from .evaluation import DECIDED, QUIET_TRAINER, _build_victim, _changed
+from .evaluation import DECIDED, QUIET_TRAINER, _changed
 from .evaluation import _quiet_lightning as _quiet_fit
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
 from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .targets import attack_victim
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,10 @@ def run_audit(
     """
     options = dict(attack_options or {})
     options.pop("victim", None)
-    model = _build_victim(victim, data, options.pop("pretrained", False), options.pop("victim_weights", None))
+    model = attack_victim(
+        victim, data.num_classes, tuple(data.image_shape), tuple(data.mean), tuple(data.std),
+        options.pop("pretrained", False), options.pop("victim_weights", None), options.pop("victim_checkpoint", None),
+    )  # fmt: skip
     check_writable(output_dir, "output_dir")
     quiet = {**QUIET_TRAINER, **(trainer_kwargs or {})}
     metric = LPIPSMetric() if lpips else None

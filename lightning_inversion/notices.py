@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from .errors import InputError
 
-# Trainer precisions that would hold the dummy images and the objective in half precision (REFERENCE §9).
+# Trainer precisions that would hold the dummy images and the objective in half precision.
 TRUE_HALF_PRECISIONS = ("16-true", "bf16-true")
 
 

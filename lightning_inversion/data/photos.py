@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..images import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .base import VisionData, check_whole
 
-# Colour photos scikit-image loads without the network (REFERENCE §9).
+# Colour photos scikit-image loads without the network.
 PhotoName = Literal[
     "astronaut",
     "chelsea",

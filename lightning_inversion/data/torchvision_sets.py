@@ -67,7 +67,7 @@ class TorchvisionData(VisionData):
         return os.path.join(self.root, self.folder)
 
     def train_transform(self) -> v2.Transform:
-        """Training augmentation: random crop with padding 4 and a horizontal flip (REFERENCE §5)."""
+        """Training augmentation: random crop with padding 4 and a horizontal flip."""
         return v2.Compose(
             [
                 v2.RandomCrop(self.image_shape[1:], padding=4),
