@@ -158,8 +158,6 @@ def test_an_unwritable_output_folder_is_refused_before_the_first_target(tmp_path
 
 def test_a_victim_checkpoint_is_the_victim_of_the_clients_and_of_the_attack(tmp_path, monkeypatch):
     """The update is computed by the checkpoint's victim, the one the attack inverts (not one built by name)."""
-    import torch
-
     from lightning_inversion.attack import GradientInversion
     from lightning_inversion.client import Client
     from lightning_inversion.victims import build_victim
