@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -54,11 +54,11 @@ from .client import Client
 from .data import VisionData
 from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
-from .evaluation import DECIDED, QUIET_TRAINER, _changed
+from .evaluation import QUIET_TRAINER, _changed, add_attack_sections
 from .evaluation import _quiet_lightning as _quiet_fit
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, summarize
-from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .report import OutputFolderError, check_writable, draw_rows
 from .targets import attack_victim
 
 log = logging.getLogger(__name__)
@@ -742,20 +742,11 @@ def build_parser() -> ArgumentParser:
         "victim under each: leakage (PSNR, SSIM, LPIPS) against utility (victim accuracy) and ε.",
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
-    parser.add_argument(
-        "--seed_everything",
-        type=int | None,
-        default=0,
-        help="Seed of the global generators (the victim's weights).",
+    add_attack_sections(
+        parser,
+        "Seed of the global generators (the victim's weights).",
+        "The targets and the victim's training data.",
     )
-    parser.add_subclass_arguments(VisionData, "data", help="The targets and the victim's training data.")
-    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
-    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
-    parser.add_class_arguments(Client, "client")
-    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
-    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
-    parser.add_class_arguments(InversionReport, "report", instantiate=False)
     parser.add_argument(
         "--audit.sweeps", type=list[Sweep], default=[], help="The defenses and their strengths."
     )

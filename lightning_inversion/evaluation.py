@@ -427,6 +427,19 @@ def save_pairs(
 
 
 # --- the command line ------------------------------------------------------------------------------------------
+def add_attack_sections(parser: ArgumentParser, seed_help: str, data_help: str) -> None:
+    """The sections of an ``invert.py fit`` config, for the scripts that run many attacks (evaluate, audit)."""
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
+    parser.add_argument("--seed_everything", type=int | None, default=0, help=seed_help)
+    parser.add_subclass_arguments(VisionData, "data", help=data_help)
+    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
+    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
+    parser.add_class_arguments(Client, "client")
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
+    parser.add_class_arguments(InversionReport, "report", instantiate=False)
+
+
 def build_parser() -> ArgumentParser:
     """The parser of ``evaluate.py``: the sections of an ``invert.py fit`` config."""
     parser = ArgumentParser(
@@ -434,20 +447,11 @@ def build_parser() -> ArgumentParser:
         "accuracy and time (the paper's evaluation protocol).",
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
-    parser.add_argument(
-        "--seed_everything",
-        type=int | None,
-        default=0,
-        help="Seed of the global random generators (an untrained victim's weights), as in invert.py.",
+    add_attack_sections(
+        parser,
+        "Seed of the global random generators (an untrained victim's weights), as in invert.py.",
+        "The dataset the targets come from.",
     )
-    parser.add_subclass_arguments(VisionData, "data", help="The dataset the targets come from.")
-    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
-    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
-    parser.add_class_arguments(Client, "client")
-    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
-    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
-    parser.add_class_arguments(InversionReport, "report", instantiate=False)
     parser.add_argument(
         "--targets_per_fit",
         type=PositiveInt,
