@@ -546,17 +546,18 @@ class Client:
         current = dict(params)
         change = {n: torch.zeros_like(p) for n, p in params.items()}
         velocity: dict[str, Tensor] | None = None  # torch.optim.SGD's momentum buffer
+        record = statistics is not None
+        per_step: list[dict] = []  # what each step's forward pass saw, for the priors
         for step in range(self.steps_for(num_images)):
             i = step % num_batches
             x, y = images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]
-            first = step == 0 and statistics is not None
             if dp is None:
-                grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, first)
+                grads, found = torch.func.grad(loss_at, has_aux=True)(current, x, y, buffers, record)
             else:
                 grads = private_gradient(current, x, y, min(b, num_images))
-                found = loss_at(current, x, y, buffers, True)[1] if first else {}
-            if first:
-                statistics.update(found)
+                found = loss_at(current, x, y, buffers, True)[1] if record else {}
+            if record:
+                per_step.append(found)
             if self.weight_decay:
                 grads = {n: grads[n] + self.weight_decay * current[n] for n in names}
             if self.momentum:
@@ -566,6 +567,8 @@ class Client:
                 grads = velocity
             change = {n: change[n] - self.local_lr * grads[n] for n in names}
             current = {n: params[n] + change[n] for n in names}
+        if record:
+            statistics.update(_as_running_statistics_absorb(victim, per_step))
         out = change if self.send == "delta" else current
         return [out[names[i]] for i in wanted]
 
@@ -701,6 +704,32 @@ def _pooled(per_client: list[dict[str, tuple[Tensor, Tensor]]]) -> dict[str, tup
         mean = means.mean(0)
         pooled[name] = (mean, squares.mean(0) - mean**2)
     return pooled
+
+
+def _as_running_statistics_absorb(
+    victim: nn.Module, per_step: list[dict[str, tuple[Tensor, Tensor]]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The statistics of K local steps' batches, ``(mean, biased var)`` per BatchNorm layer, averaged with the
+    weights the layer's running statistics give them: ``m (1 − m)^(K−1−k)`` for step k with momentum ``m``, equal
+    weights for a cumulative average (``momentum=None``). What :class:`~lightning_inversion.buffers.
+    RecoveredStatistics` solves from the moved buffers is this average of the private batches' statistics; one
+    step's statistics are returned as they are."""
+    if len(per_step) == 1:
+        return per_step[0]
+    momenta = {
+        name: m.momentum
+        for name, m in victim.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    out = {}
+    for name in per_step[0]:
+        m, k = momenta.get(name), len(per_step)
+        weights = [1.0] * k if m is None else [m * (1 - m) ** (k - 1 - i) for i in range(k)]
+        total = sum(weights)
+        out[name] = tuple(
+            sum(w / total * s[name][j] for w, s in zip(weights, per_step, strict=True)) for j in (0, 1)
+        )
+    return out
 
 
 def _has_batchnorm(victim: nn.Module) -> bool:

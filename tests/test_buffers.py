@@ -127,3 +127,25 @@ def test_resnet18_statistics_are_recovered_at_every_batchnorm_layer():
     for name, (mean, var) in recovered.items():
         torch.testing.assert_close(mean, truth[name][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(var, truth[name][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_dummy_statistics_of_minibatch_steps_are_the_ones_the_buffers_absorb(momentum):
+    """FedAvg over minibatches: the statistics the client pass hands to the priors summarise every step's batch
+    as the running statistics do, so at the private images they equal what RecoveredStatistics solves from the
+    buffers (the first minibatch alone would leave the other images without any pull)."""
+    from lightning_inversion.client import BATCHNORM_STATISTICS
+
+    net = bn_net(momentum)
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    client = Client(protocol="fedavg", local_batch_size=2, local_epochs=1, local_lr=1e-6, train_mode=True)
+    update = client.update(net, images, labels)
+    recovered = RecoveredStatistics().statistics(net, update)
+    params, buffers = dict(net.named_parameters()), {n: b.clone() for n, b in net.named_buffers()}
+    seen = {BATCHNORM_STATISTICS: {}}
+    with torch.no_grad():
+        client.simulate(net, params, buffers, images, labels, seen=seen)
+    assert set(seen[BATCHNORM_STATISTICS]) == set(recovered)
+    for name, (mean, var) in recovered.items():
+        torch.testing.assert_close(seen[BATCHNORM_STATISTICS][name][0], mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(seen[BATCHNORM_STATISTICS][name][1], var, rtol=1e-4, atol=1e-4)
