@@ -431,10 +431,11 @@ class Client:
             images: ``(B, C, H, W)`` in the victim's normalised input space.
             labels: ``(B,)`` class indices, or ``(B, K)`` soft-label logits.
             only: indices of the parameters whose update is wanted (all if ``None``).
-            seen: filled with what the client's first forward pass saw, for image priors (see
+            seen: filled with what the client's forward passes saw, for image priors (see
                 :mod:`lightning_inversion.priors`): pass ``{"batchnorm_statistics": {}}`` to get, per BatchNorm
                 layer name, the ``(mean, var)`` of its input (``var`` biased, over batch and spatial axes),
-                differentiable in ``images``. Under aggregation, over all clients' images. ``None``: nothing
+                differentiable in ``images``; over several local steps, the steps' statistics averaged as the
+                running statistics average them. Under aggregation, over all clients' images. ``None``: nothing
                 recorded, at no cost.
 
         Returns:

@@ -10,8 +10,10 @@ victim a second time. What can be asked for:
 
 - ``"batchnorm_statistics"``: for every BatchNorm layer of the victim, keyed by its name in
   ``victim.named_modules()``, the per-channel ``(mean, var)`` of that layer's *input* over the client's batch
-  (batch and spatial axes; ``var`` biased, i.e. divided by n), taken in the client's first forward pass on the
-  dummy images; each ``(..., C)`` with the images' leading axes.
+  (batch and spatial axes; ``var`` biased, i.e. divided by n), taken in the client's forward pass on the
+  dummy images; each ``(..., C)`` with the images' leading axes. Over several local steps (FedAvg), each step's
+  batch statistics averaged with the weights the layer's running statistics give them, as the buffers absorb
+  them.
 """
 
 from __future__ import annotations

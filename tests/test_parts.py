@@ -187,16 +187,23 @@ def test_statistics_pool_over_aggregated_clients():
         torch.testing.assert_close(var, reference[name][1], rtol=1e-4, atol=1e-5)
 
 
-def test_fedavg_statistics_are_those_of_the_first_local_step():
+def test_fedavg_statistics_average_the_local_steps_as_the_running_statistics_do():
     victim = build_victim("ConvNet-8", 4, (3, 16, 16)).eval()
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     params, buffers = dict(victim.named_parameters()), dict(victim.named_buffers())
     seen = {BATCHNORM_STATISTICS: {}}
-    client = Client(protocol="fedavg", local_steps=3, local_batch_size=2, local_lr=0.1)
+    client = Client(protocol="fedavg", local_steps=3, local_batch_size=2, local_lr=1e-7)  # weights stay put
     client.simulate(victim, params, buffers, images, labels, seen=seen)
-    reference = _hooked_statistics(victim, images[:2])  # the first minibatch, before any local step
-    for name, (mean, _) in seen[BATCHNORM_STATISTICS].items():
-        torch.testing.assert_close(mean, reference[name][0], rtol=1e-4, atol=1e-5)
+    # minibatches 0, 1, 0, weighted m (1 − m)^(K−1−k) with BatchNorm's momentum m = 0.1, as the buffers weigh them
+    first, second = _hooked_statistics(victim, images[:2]), _hooked_statistics(victim, images[2:])
+    weights = torch.tensor([0.1 * 0.9**2, 0.1 * 0.9, 0.1])
+    weights = weights / weights.sum()
+    for name, (mean, var) in seen[BATCHNORM_STATISTICS].items():
+        for j, value in enumerate((mean, var)):
+            expected = (
+                weights[0] * first[name][j] + weights[1] * second[name][j] + weights[2] * first[name][j]
+            )
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_total_variation_twice_is_refused():
