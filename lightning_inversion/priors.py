@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat
@@ -152,14 +152,21 @@ class BatchNormStatistics(ImagePrior):
     """DeepInversion's feature-distribution prior (Yin et al., CVPR 2020; GradInversion, CVPR 2021).
 
     For every BatchNorm layer of the victim, the per-channel mean and variance of the layer's input over the
-    dummy batch are pulled toward reference statistics:
+    dummy batch are pulled toward reference statistics. ``distance="l2"`` is the papers' form:
 
         R_BN(x) = Σ_l w_l (‖μ_l(x) − μ̂_l‖₂ + ‖σ²_l(x) − σ̂²_l‖₂)
 
-    with ``w_l = first_layer_weight`` for the victim's first BatchNorm layer and 1 for the others. The dummy
-    statistics come from the client's own forward pass (``seen["batchnorm_statistics"]``), batched over the
-    images' leading axes (restarts, targets); the reference from :attr:`reference`, read once per target in
-    :meth:`prepare`.
+    ``distance="kl"`` measures each channel in units of the reference's own spread: the mean over the channels
+    of the Kullback–Leibler divergence between Gaussians,
+
+        R_BN(x) = Σ_l w_l mean_c [ ½ log(σ̂²/σ²) + (σ² + (μ − μ̂)²) / (2 σ̂²) − ½ ]     (σ², σ̂² plus 1e-5)
+
+    so a channel with a small reference variance counts as much as one with a large one. That is the scale a
+    train-mode client's BatchNorm works in (it divides each channel by the batch's own σ), which makes it the
+    form for recovered statistics. With ``w_l = first_layer_weight`` for the victim's first BatchNorm layer and 1
+    for the others. The dummy statistics come from the client's own forward pass
+    (``seen["batchnorm_statistics"]``), batched over the images' leading axes (restarts, targets); the
+    reference from :attr:`reference`, read once per target in :meth:`prepare`.
 
     Args:
         reference: where the reference statistics come from: :class:`RunningStatistics` (the victim's, i.e. its
@@ -167,19 +174,26 @@ class BatchNormStatistics(ImagePrior):
         weight: the prior's weight in the loss.
         first_layer_weight: extra weight of the first BatchNorm layer, whose input is closest to the pixels
             (DeepInversion's ``first_bn_multiplier``).
+        distance: ``l2`` (the papers' Euclidean distances of the means and of the variances) or ``kl`` (the
+            Gaussian Kullback–Leibler divergence per channel, relative to the reference's spread).
     """
 
     needs = frozenset({BATCHNORM_STATISTICS})
+    EPS = 1e-5  # added to both variances under distance "kl" (BatchNorm's own eps)
 
     def __init__(
         self,
         reference: StatisticsSource,
         weight: NonNegativeFloat = 1e-2,
         first_layer_weight: NonNegativeFloat = 1.0,
+        distance: Literal["l2", "kl"] = "l2",
     ) -> None:
         super().__init__(weight)
+        if distance not in ("l2", "kl"):
+            raise ValueError(f"distance must be 'l2' or 'kl', got {distance!r}")
         self.reference = reference
         self.first_layer_weight = float(first_layer_weight)
+        self.distance = distance
         # What prepare() read for the current target; held apart from the options (a checkpoint describes a
         # prior by its plain attributes, which must not change when it is prepared).
         self.prepared: dict[str, Any] = {}
@@ -222,7 +236,13 @@ class BatchNormStatistics(ImagePrior):
             if name not in statistics:
                 raise RuntimeError(f"no BatchNorm statistics were seen for layer {name!r}")
             mean, var = statistics[name]  # (..., C) each
-            distance = (mean.float() - ref_mean).norm(dim=-1) + (var.float() - ref_var).norm(dim=-1)
+            mean, var = mean.float(), var.float()
+            if self.distance == "kl":
+                var, ref = var + self.EPS, ref_var + self.EPS
+                divergence = 0.5 * (ref.log() - var.log()) + (var + (mean - ref_mean) ** 2) / (2 * ref) - 0.5
+                distance = divergence.mean(-1)
+            else:
+                distance = (mean - ref_mean).norm(dim=-1) + (var - ref_var).norm(dim=-1)
             total = total + (self.first_layer_weight if name == first_layer else 1.0) * distance
         return total
 

@@ -93,6 +93,35 @@ def test_batchnorm_statistics_penalty_by_hand():
     assert prior.penalty(images[:1], seen).tolist() == [5.0]
 
 
+def test_batchnorm_statistics_kl_distance_by_hand():
+    """distance="kl": per channel KL(N(μ, σ²) ‖ N(μ̂, σ̂²)), the mean over channels; 0 at the reference and the
+    same for a channel at any scale."""
+
+    class Ref(StatisticsSource):
+        def __init__(self, scale):
+            self.scale = scale
+
+        def statistics(self, victim, update):
+            return {"1": (torch.tensor([0.0, 1.0]) * self.scale, torch.tensor([1.0, 1.0]) * self.scale**2)}
+
+    victim = _bn_victim()
+    prior = BatchNormStatistics(Ref(1.0), distance="kl")
+    prior.prepare(victim, _update(victim))
+    images = torch.zeros(2, 2, 2, 2, 2)  # only the leading shape matters here
+    # channel 0: N(0, 4) against N(0, 1): ½ log(1/4) + 4/2 − ½; channel 1: N(3, 1) against N(1, 1): (1 + 4)/2 − ½
+    mean, var = torch.tensor([[0.0, 3.0], [0.0, 1.0]]), torch.tensor([[4.0, 1.0], [1.0, 1.0]])
+    expected = (0.5 * math.log(0.25) + 1.5 + 2.0) / 2
+    got = prior.penalty(images, {BATCHNORM_STATISTICS: {"1": (mean, var)}})
+    torch.testing.assert_close(got, torch.tensor([expected, 0.0]), rtol=1e-4, atol=1e-5)
+    # A layer 100 times larger, its reference too: the same divergence (the l2 form grows 100- and 10⁴-fold)
+    large = BatchNormStatistics(Ref(100.0), distance="kl")
+    large.prepare(victim, _update(victim))
+    scaled = large.penalty(images, {BATCHNORM_STATISTICS: {"1": (mean * 100, var * 1e4)}})
+    torch.testing.assert_close(scaled, got, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="distance"):
+        BatchNormStatistics(Ref(1.0), distance="l1")
+
+
 def test_batchnorm_statistics_weight_the_first_layer_and_sum_over_layers():
     class Ref(StatisticsSource):
         def statistics(self, victim, update):
