@@ -64,9 +64,9 @@ def flower_update(net_name: str, images: torch.Tensor, labels: torch.Tensor, fol
     return server_net
 
 
-def prior_options(weight: float) -> dict:
+def prior_options(weight: float, distance: str = "l2") -> dict:
     """The GradientInversion options that add the BatchNorm prior on recovered statistics."""
-    prior = priors_module.BatchNormStatistics(RecoveredStatistics(), weight=weight)
+    prior = priors_module.BatchNormStatistics(RecoveredStatistics(), weight=weight, distance=distance)
     return {"priors": [prior]}
 
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=0, help="groups of photos to skip (to split a run)")
     parser.add_argument("--nets", nargs="+", default=["tutorial", "bn"], choices=list(NETS))
     parser.add_argument("--prior-weight", type=float, default=0.1)
+    parser.add_argument("--prior-distance", choices=["l2", "kl"], default="l2", help="the prior's form")
     parser.add_argument("--tv", type=float, default=0.1, help="weight of the total-variation prior")
     parser.add_argument("--columns", nargs="+", default=["ignored", "recovered", "delta"])
     parser.add_argument("--output", type=Path, default=Path("runs/flower"))
@@ -132,7 +133,9 @@ def main() -> None:
                         update.num_images = num_images
                     else:
                         update = weights
-                    extra = prior_options(args.prior_weight) if column == "recovered" else {}
+                    extra = (
+                        prior_options(args.prior_weight, args.prior_distance) if column == "recovered" else {}
+                    )
                     value, picture = attack(server_net, update, truth, num_images, args.steps, extra, args.tv)
                     psnrs[column].append(value)
                     pictures[column].append(picture)

@@ -19,7 +19,8 @@ Datasets: the 8 offline photos (always) and CIFAR-10 when it is at ``--cifar-roo
 BatchNorm (the offline demo victim, ConvNet-8 trained with the recipe of ``configs/victim_demo.yaml``, and a
 ResNet20 trained the same way), clients in eval and in train mode, batches of 1 and 4, each image prior on and
 off (total variation alone; with the BatchNorm-statistics prior on the victim's running statistics; with group
-consistency across restarts as well). Every row states its threat model (labels, BatchNorm statistics, images
+consistency across restarts as well; for train-mode clients, with the prior on the private batch's own statistics
+recovered from the moved buffers). Every row states its threat model (labels, BatchNorm statistics, images
 known, client mode) and, as a floor, the PSNR of a flat image of each photo's true mean colour.
 
 Examples::
@@ -236,18 +237,36 @@ REALISTIC = (
     Setting("trained ResNet20, batch 4", "ResNet20", True, False, 4, 1500, 1e-4, 2, "BN prior >= +2 dB"),
     Setting("trained ResNet20, train-mode client, batch 4", "ResNet20", True, True, 4, 1500, 1e-4, 2),
 )
-REALISTIC_COLUMNS = ("TV", "TV + BN prior", "TV + BN prior + group consistency")
+REALISTIC_COLUMNS = (
+    "TV",
+    "TV + BN prior",
+    "TV + BN prior + group consistency",
+    "TV + recovered BN statistics",
+)
 
 
 def realistic_priors(column: str, setting: Setting, args: argparse.Namespace) -> list | None:
-    """The priors of a column for a setting (besides TV), or ``None`` where the column does not apply."""
+    """The priors of a column for a setting (besides TV), or ``None`` where the column does not apply.
+
+    ``TV + BN prior`` matches the victim's running statistics (a trained victim's); ``TV + recovered BN
+    statistics`` the private batch's own, solved from the buffers a train-mode client's update moved.
+    """
+    from lightning_inversion.buffers import RecoveredStatistics
     from lightning_inversion.priors import BatchNormStatistics, GroupConsistency, RunningStatistics
 
     if column == "TV":
         return []
+    if column == REALISTIC_COLUMNS[3]:
+        if not setting.train_mode:  # an eval-mode client's buffers do not move
+            return None
+        return [
+            BatchNormStatistics(
+                RecoveredStatistics(), weight=args.recovered_weight, distance=args.recovered_distance
+            )
+        ]
     if not setting.trained:  # an untrained victim's running statistics are BatchNorm's initial (0, 1)
         return None
-    priors = [BatchNormStatistics(RunningStatistics(), weight=args.bn_weight)]
+    priors = [BatchNormStatistics(RunningStatistics(), weight=args.bn_weight, distance=args.bn_distance)]
     if column == REALISTIC_COLUMNS[2]:
         if setting.restarts < 2:
             return None
@@ -427,6 +446,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--columns", nargs="*", help="--realistic: only these columns (by name)")
     parser.add_argument("--bn-weight", type=float, default=1e-4, help="weight of the BatchNorm prior")
     parser.add_argument("--group-weight", type=float, default=1e-2, help="weight of group consistency")
+    parser.add_argument(
+        "--bn-distance", choices=["l2", "kl"], default="l2", help="the BatchNorm prior's form"
+    )
+    parser.add_argument(
+        "--recovered-weight", type=float, default=1.0, help="weight of the prior on recovered BN statistics"
+    )
+    parser.add_argument(
+        "--recovered-distance", choices=["l2", "kl"], default="kl", help="its form (see BatchNormStatistics)"
+    )
     parser.add_argument(
         "--train-milestones", type=int, nargs="+", help="--realistic: epochs of lr drops (default 5 7)"
     )
