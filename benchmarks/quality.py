@@ -225,15 +225,19 @@ class Setting:
     tv: float
     restarts: int = 1
     goal: str = ""
+    image_size: int = 32
 
 
 # The issue's settings. Goals: the trained demo victim >= 18 dB, the demo with a train-mode client >= 18 dB, the
 # BatchNorm prior >= 2 dB above total variation alone for a batch of 4 on a trained BatchNorm CNN.
 REALISTIC = (
-    Setting("demo (untrained ConvNet-64)", "ConvNet-64", False, False, 1, 300, 1e-5),
-    Setting("demo, train-mode client", "ConvNet-64", False, True, 1, 300, 1e-5, goal=">= 18 dB"),
+    Setting("demo (untrained ConvNet-64)", "ConvNet-64", False, False, 1, 300, 1e-5, image_size=28),
+    Setting(
+        "demo, train-mode client", "ConvNet-64", False, True, 1, 300, 1e-5, goal=">= 18 dB", image_size=28
+    ),
     Setting("trained demo victim (ConvNet-8)", "ConvNet-8", True, False, 1, 1500, 1e-4, goal=">= 18 dB"),
     Setting("trained demo victim, train-mode client", "ConvNet-8", True, True, 1, 1500, 1e-4),
+    Setting("trained demo victim, batch 4", "ConvNet-8", True, False, 4, 300, 0.1, goal="BN prior >= +2 dB"),
     Setting("trained ResNet20, batch 4", "ResNet20", True, False, 4, 1500, 1e-4, 2, "BN prior >= +2 dB"),
     Setting("trained ResNet20, train-mode client, batch 4", "ResNet20", True, True, 4, 1500, 1e-4, 2),
 )
@@ -338,14 +342,18 @@ def realistic(args: argparse.Namespace) -> str:
     from lightning_inversion.threat_model import threat_model
 
     output = Path(args.output)
-    data = PhotoData(train_size=args.train_size, val_size=256, batch_size=64)
+    data = PhotoData(train_size=args.train_size, val_size=256, batch_size=64)  # the victims' training data
     targets = list(range(min(args.images, len(data.target_set()))))
     trainer_kwargs = {"accelerator": args.accelerator}
     chosen = [s for s in REALISTIC if not args.settings or s.name in args.settings]
-    header = "| setting | threat model | steps | flat image | " + " | ".join(REALISTIC_COLUMNS) + " | goal |"
+    header = (
+        "| setting | threat model | steps (TV) | flat image | " + " | ".join(REALISTIC_COLUMNS) + " | goal |"
+    )
     lines = [header, "|---|---|---|---|" + "---|" * len(REALISTIC_COLUMNS) + "---|"]
-    flat = flat_image_psnr(data, targets)
     for setting in chosen:
+        # The photos at the setting's size (the demo's 28×28); trained victims train at the default 32×32.
+        photos = data if setting.image_size == data.image_size else PhotoData(image_size=setting.image_size)
+        flat = flat_image_psnr(photos, targets)
         if setting.trained:
             victim, accuracy = trained_victim(
                 setting.victim,
@@ -359,11 +367,12 @@ def realistic(args: argparse.Namespace) -> str:
             weights = f"trained ({accuracy:.2f})" if accuracy is not None else "trained"
         else:
             pl.seed_everything(0, verbose=False)
-            victim = build_victim(setting.victim, data.num_classes, tuple(data.image_shape)).eval()
+            victim = build_victim(setting.victim, photos.num_classes, tuple(photos.image_shape)).eval()
             weights = "untrained"
         client = Client(train_mode=setting.train_mode)
         steps = args.realistic_steps or setting.steps
         used = targets[: len(targets) - len(targets) % setting.num_images]
+        tv = setting.tv if args.realistic_tv is None else args.realistic_tv
         cells, assumed = [], None
         for column in REALISTIC_COLUMNS:
             priors = realistic_priors(column, setting, args)
@@ -373,11 +382,11 @@ def realistic(args: argparse.Namespace) -> str:
             if priors is None:
                 cells.append("n/a")
                 continue
-            options = dict(tv=setting.tv, restarts=setting.restarts, priors=priors)
+            options = dict(tv=tv, restarts=setting.restarts, priors=priors)
             started = time.perf_counter()
             if setting.num_images == 1:
                 evaluation = evaluate_targets(
-                    data,
+                    photos,
                     victim,
                     targets=used,
                     attack_options=options,
@@ -392,7 +401,7 @@ def realistic(args: argparse.Namespace) -> str:
                 values = [row["psnr"] for row in evaluation.rows]
             else:
                 values = attack_batches(
-                    data, victim, setting, used, options, client, {**trainer_kwargs, "max_steps": steps}
+                    photos, victim, setting, used, options, client, {**trainer_kwargs, "max_steps": steps}
                 )
             model = threat_model("given", priors, setting.num_images, True, setting.train_mode)
             assumed = model if assumed is None else assumed
@@ -402,7 +411,7 @@ def realistic(args: argparse.Namespace) -> str:
         threat = f"labels {assumed['labels']}, {assumed['num_images']} image(s) known, {assumed['client_mode']}-mode client"
         flat_cell = _cell(summarize_values(flat[: len(used)]), 0)
         lines.append(
-            f"| {setting.name}, {weights} | {threat} | {steps} | {flat_cell} | "
+            f"| {setting.name}, {weights} | {threat} | {steps} (TV {tv:g}) | {flat_cell} | "
             + " | ".join(cells)
             + f" | {setting.goal or '-'} |"
         )
@@ -443,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--realistic", action="store_true", help="the realistic settings' table instead")
     parser.add_argument("--settings", nargs="*", help="--realistic: only these settings (by name)")
     parser.add_argument("--realistic-steps", type=int, help="--realistic: steps for every setting")
+    parser.add_argument("--realistic-tv", type=float, help="--realistic: TV weight for every setting")
     parser.add_argument("--columns", nargs="*", help="--realistic: only these columns (by name)")
     parser.add_argument("--bn-weight", type=float, default=1e-4, help="weight of the BatchNorm prior")
     parser.add_argument("--group-weight", type=float, default=1e-2, help="weight of group consistency")
