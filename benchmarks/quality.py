@@ -418,6 +418,55 @@ def realistic(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def statistics_distances(args: argparse.Namespace) -> str:
+    """How far batches are from a trained victim's running statistics, in the BatchNorm prior's ``l2`` form
+    (``R_BN`` with every layer weighted 1): the private photos themselves against what an attack starts from or
+    ends near. The prior helps only where the truth is much nearer than the alternatives."""
+    from lightning_inversion.client import _batchnorm_inputs
+    from lightning_inversion.priors import RunningStatistics
+
+    output = Path(args.output)
+    data = PhotoData(train_size=args.train_size, val_size=256, batch_size=64)
+    lines = ["| victim | batch | R_BN to the running statistics |", "|---|---|---|"]
+    photos = torch.stack([data.target_set()[i][0] for i in range(len(data.target_set()))])
+    crops = torch.stack([data.train_set()[i][0] for i in range(64)])
+    mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    batches = {
+        "photos 0-3": photos[:4],
+        "photos 4-7": photos[4:8],
+        "all 8 photos": photos,
+        "photos 0-3, 4×4 blocks": nn.functional.interpolate(
+            nn.functional.avg_pool2d(photos[:4], 4), scale_factor=4
+        ),
+        "photos 0-3, flat mean colours": photos[:4].mean((2, 3), keepdim=True).expand_as(photos[:4]),
+        "grey (0.5)": ((0.5 - mean) / std).expand_as(photos[:4]),
+        "N(0, 1) noise (the attack's start)": torch.randn(photos[:4].shape, generator=generator),
+        "4 training crops": crops[:4],
+        "64 training crops": crops,
+    }
+    for name in args.victims:
+        victim, _ = trained_victim(
+            name,
+            data,
+            args.train_epochs,
+            args.train_batches,
+            output / "weights",
+            args.accelerator,
+            milestones=tuple(args.train_milestones or (5, 7)),
+        )
+        reference = RunningStatistics().statistics(victim, None)
+        for label, x in batches.items():
+            seen: dict = {}
+            with torch.no_grad(), _batchnorm_inputs(victim, seen):
+                victim(x)
+            total = sum(
+                float((seen[n][0] - m).norm() + (seen[n][1] - v).norm()) for n, (m, v) in reference.items()
+            )
+            lines.append(f"| {name} | {label} | {total:.1f} |")
+    return "\n".join(lines)
+
+
 def summarize_values(values: list[float]) -> tuple[float, float]:
     """Mean and (population) standard deviation; NaN for no values."""
     if not values:
@@ -450,6 +499,11 @@ def main(argv: list[str] | None = None) -> None:
         "--output", default="outputs/quality", help="per-cell evaluations and trained weights"
     )
     parser.add_argument("--realistic", action="store_true", help="the realistic settings' table instead")
+    parser.add_argument(
+        "--statistics-distances",
+        action="store_true",
+        help="instead: how far batches are from the trained --victims' running BatchNorm statistics",
+    )
     parser.add_argument("--settings", nargs="*", help="--realistic: only these settings (by name)")
     parser.add_argument("--realistic-steps", type=int, help="--realistic: steps for every setting")
     parser.add_argument("--realistic-tv", type=float, help="--realistic: TV weight for every setting")
@@ -470,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     # --realistic trains with the recipe of configs/victim_demo.yaml: 8 epochs of 32 batches of 64 (2,048 crops)
-    recipe = (8, 32, 2048) if args.realistic else (2, 16, 1024)
+    recipe = (8, 32, 2048) if args.realistic or args.statistics_distances else (2, 16, 1024)
     for name, value in zip(("train_epochs", "train_batches", "train_size"), recipe, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -478,7 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     started = time.perf_counter()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {vars(args)}\n")
-    table = realistic(args) if args.realistic else run(args)
+    if args.statistics_distances:
+        table = statistics_distances(args)
+    else:
+        table = realistic(args) if args.realistic else run(args)
     print(table)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 
