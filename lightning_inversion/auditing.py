@@ -845,7 +845,7 @@ __all__ = [
     "DefendedClassifier",
     "Sweep",
     "VictimTraining",
-    "attack_target",
+    "attack_targets",
     "audit_html",
     "main",
     "run_audit",
