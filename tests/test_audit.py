@@ -183,4 +183,7 @@ def test_the_targets_of_a_setting_are_attacked_in_one_fit_each_on_its_own(tmp_pa
     assert fits == [2] and len(results) == 2
     cat, rocket = results
     assert psnr(cat["image"][None], cat["truth"][None]) > psnr(cat["image"][None], rocket["truth"][None]) + 3
-    assert psnr(rocket["image"][None], rocket["truth"][None]) > psnr(rocket["image"][None], cat["truth"][None]) + 3
+    assert (
+        psnr(rocket["image"][None], rocket["truth"][None])
+        > psnr(rocket["image"][None], cat["truth"][None]) + 3
+    )
