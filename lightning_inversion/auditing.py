@@ -57,7 +57,7 @@ from .errors import InputError
 from .evaluation import QUIET_TRAINER, _changed, add_attack_sections
 from .evaluation import _quiet_lightning as _quiet_fit
 from .images import denormalize
-from .metrics import LPIPSMetric, evaluate, summarize
+from .metrics import LPIPSMetric, evaluate, flat_psnr, summarize
 from .report import OutputFolderError, check_writable, draw_rows
 from .targets import attack_victim
 
@@ -429,6 +429,7 @@ def run_audit(
     rows: list[dict[str, Any]] = []
     pictures: dict[str, list[tuple[str, Tensor, list[str]]]] = {}
     truths: Tensor | None = None
+    floor = None
     baseline = None
     flags = [p.requires_grad for p in model.parameters()]
     try:
@@ -449,6 +450,13 @@ def run_audit(
             rows.append(row)
             if truths is None:
                 truths = torch.stack([r["truth"] for r in results])
+                floors = flat_psnr(truths)
+                floor = float(floors.mean())
+                notes.append(
+                    "a flat image of each target's own mean colour scores "
+                    f"{', '.join(f'{v:.1f}' for v in floors.tolist())} dB (mean {floor:.1f}): a PSNR near that "
+                    "recovers the colours, not the image; look at the grids"
+                )
             label = "none" if setting.strength is None else f"{setting.parameter} {_number(setting.strength)}"
             captions = [_caption(r["psnr"]) for r in results]
             line = (label, torch.stack([r["image"] for r in results]), captions)
@@ -474,7 +482,9 @@ def run_audit(
                 if pending
                 else []
             )
-            write_audit(output_dir, rows, truths, targets, pictures, threshold, description, [*notes, *extra])
+            write_audit(
+                output_dir, rows, truths, targets, pictures, threshold, description, [*notes, *extra], floor
+            )
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
@@ -599,8 +609,11 @@ def audit_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -> None:
-    """``audit.png``: per defense, mean PSNR (± std) and victim accuracy against strength; then the frontier."""
+def plot_audit(
+    path: str | Path, rows: list[dict[str, Any]], threshold: float, floor: float | None = None
+) -> None:
+    """``audit.png``: per defense, mean PSNR (± std) and victim accuracy against strength; then the frontier.
+    ``floor`` (dB): the flat-colour PSNR, drawn dash-dotted."""
     from matplotlib.figure import Figure
 
     names = list(dict.fromkeys(r["defense"] for r in rows if r["defense"] != NO_DEFENSE))
@@ -617,6 +630,8 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
         x = [r["strength"] for r in mine]
         ax.errorbar(x, [r["psnr_mean"] for r in mine], [r["psnr_std"] for r in mine], marker="o", color="C0")
         ax.axhline(threshold, color="gray", ls=":", lw=1)
+        if floor is not None:
+            ax.axhline(floor, color="gray", ls="-.", lw=1)
         if undefended is not None and undefended["psnr_mean"] is not None:
             ax.axhline(undefended["psnr_mean"], color="C0", ls="--", lw=1)
         if x and min(x) > 0 and max(x) / min(x) >= 20:
@@ -643,6 +658,8 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
     if undefended is not None and undefended["victim_accuracy"] is not None:
         ax.plot(undefended["victim_accuracy"], undefended["psnr_mean"], "k*", ms=12, label="no defense")
     ax.axhline(threshold, color="gray", ls=":", lw=1)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="-.", lw=1)
     ax.set_xlabel("victim accuracy (utility →)")
     ax.set_ylabel("PSNR (dB) (leakage ↑)")
     ax.set_title("privacy–utility frontier (best: bottom right)", fontsize=10)
@@ -652,7 +669,12 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
         extra.set_visible(False)
     fig.suptitle(
         f"Leakage (PSNR, blue) and utility (victim accuracy, red) against defense strength; "
-        f"dashed: no defense; dotted: {threshold:g} dB",
+        f"dashed: no defense; dotted: {threshold:g} dB"
+        + (
+            ""
+            if floor is None
+            else f"; dash-dotted: a flat image of the targets' mean colours ({floor:.1f} dB)"
+        ),
         fontsize=10,
     )
     fig.savefig(path, dpi=90)
@@ -671,8 +693,10 @@ def write_audit(
     threshold: float,
     description: str = "",
     notes: list[str] | None = None,
+    floor: float | None = None,
 ) -> Path:
-    """Write ``audit.csv``, ``audit.md``, ``audit.png``, ``grid_<defense>.png`` and ``audit.html``."""
+    """Write ``audit.csv``, ``audit.md``, ``audit.png``, ``grid_<defense>.png`` and ``audit.html``; ``floor``: the
+    targets' mean flat-colour PSNR (:func:`~.metrics.flat_psnr`), drawn in the plots."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "audit.csv", "w", newline="") as file:
@@ -681,7 +705,7 @@ def write_audit(
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in rows])
     markdown = audit_markdown(rows, threshold, description, notes)
     (folder / "audit.md").write_text(markdown)
-    plot_audit(folder / "audit.png", rows, threshold)
+    plot_audit(folder / "audit.png", rows, threshold, floor)
     grids = {}
     for name, lines in pictures.items():
         if not lines or truths is None:

@@ -31,6 +31,12 @@ def psnr(images: Tensor, truth: Tensor) -> Tensor:
     )
 
 
+def flat_psnr(truth: Tensor) -> Tensor:
+    """PSNR of a flat image of each image's own mean colour, ``(B, C, H, W)`` in [0, 1] -> ``(B,)``: what a
+    reconstruction that recovers the colours and nothing else scores (a floor to read PSNR against)."""
+    return psnr(truth.mean((-2, -1), keepdim=True).expand_as(truth), truth)
+
+
 def ssim(images: Tensor, truth: Tensor) -> Tensor:
     """SSIM per image, ``(B, C, H, W)`` pairs in [0, 1] -> ``(B,)`` (Gaussian window, shrunk for small images)."""
     side = min(images.shape[-2:])

@@ -7,11 +7,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_inversion.auditing as auditing
 from lightning_inversion.auditing import NO_DEFENSE, main, weakest_stopping
+from lightning_inversion.data import PhotoData
 from lightning_inversion.errors import InputError
-from lightning_inversion.metrics import psnr
+from lightning_inversion.images import denormalize
+from lightning_inversion.metrics import flat_psnr, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/audit_demo.yaml"
@@ -71,6 +74,10 @@ def test_a_sweep_of_2_strengths_x_2_targets_from_the_cli_writes_every_output(tmp
     markdown = (tmp_path / "audit.md").read_text()
     assert "## The weakest strength that stops the attack (mean PSNR < 12 dB)" in markdown
     assert "still to run" not in markdown
+    data = PhotoData(image_size=16)
+    images = torch.stack([torch.as_tensor(data.target_set()[i][0]) for i in (1, 3)])
+    floors = flat_psnr(denormalize(images, data.mean, data.std).clamp(0, 1))
+    assert f"scores {floors[0]:.1f}, {floors[1]:.1f} dB" in markdown  # each target's flat-colour floor
 
     page = _Page()
     text = (tmp_path / "audit.html").read_text()
