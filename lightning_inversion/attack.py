@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from . import inversion as runs
+from . import inversion
 from .client import Client
 from .images import IMAGENET_MEAN, IMAGENET_STD, median_filter3x3, project_box
 from .inversion import Inversion, dummy_images_as_pixels
@@ -135,8 +135,7 @@ class GradientInversion(Inversion, pl.LightningModule):
         self.save_hyperparameters(ignore=["client", "optimizer", "priors", *objects])
         self.tv, self.signed, self.boxed, self.median_filter_every = tv, signed, boxed, median_filter_every
         self.optimizer_factory, self.lr, self.lr_decay = optimizer, lr, lr_decay
-        # The processes sharing the slots and this one's slots on its device (setup); run_identity(); a checkpoint's
-        # RNG state, applied once on the right device.
+        # Processes sharing the slots, this one's slots on its device; run_identity(); a checkpoint's RNG state.
         self._world, self._local_on_device, self._identity, self._rng_to_restore = 1, None, None, None
 
     def setup(self, stage: str) -> None:
@@ -149,9 +148,9 @@ class GradientInversion(Inversion, pl.LightningModule):
 
     def on_fit_start(self) -> None:
         # Checked here, not in setup: a checkpoint being resumed is restored after setup and brings the update.
-        runs.check_steps(self.trainer.max_steps, self.analytic_exact, int(self.restart_steps.max()))
+        inversion.check_steps(self.trainer.max_steps, self.analytic_exact, int(self.restart_steps.max()))
         if self._rng_to_restore is not None:
-            runs.restore_rng(self._rng_to_restore, self.device)
+            inversion.restore_rng(self._rng_to_restore, self.device)
             self._rng_to_restore = None
         self.prepare()
 
@@ -181,7 +180,7 @@ class GradientInversion(Inversion, pl.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether the Trainer writes this step's scalars (:func:`~.inversion.logs_this_step`)."""
-        return self._trainer is None or runs.logs_this_step(self.trainer)
+        return self._trainer is None or inversion.logs_this_step(self.trainer)
 
     def backward(self, loss: Tensor, *args, **kwargs) -> None:
         loss.backward(inputs=self._optimized())  # the victim never accumulates .grad
@@ -208,16 +207,17 @@ class GradientInversion(Inversion, pl.LightningModule):
         if self.signed and isinstance(optimizer, torch.optim.LBFGS):
             log.warning("signed gradients with L-BFGS break its line search; consider signed=False")
         # On resume, the checkpoint's scheduler state (its milestones included) replaces these milestones.
-        return runs.decay_schedule(optimizer, self.trainer.max_steps) if self.lr_decay else optimizer
+        return inversion.decay_schedule(optimizer, self.trainer.max_steps) if self.lr_decay else optimizer
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(runs.StepTicks(self.trainer.max_steps, self._world), batch_size=None, num_workers=0)
+        ticks = inversion.StepTicks(self.trainer.max_steps, self._world)  # each process steps max_steps times
+        return DataLoader(ticks, batch_size=None, num_workers=0)
 
     def run_identity(self) -> dict:
         """What, besides the hyper-parameters and the target updates, makes two runs the same attack (saved in every
         checkpoint so that a resumed run can check it continues the attack): :func:`~.inversion.run_identity`."""
         if self._identity is None:
-            self._identity = runs.run_identity(self, self.optimizer_factory)
+            self._identity = inversion.run_identity(self, self.optimizer_factory)
         return self._identity
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -228,7 +228,7 @@ class GradientInversion(Inversion, pl.LightningModule):
         self.restore_run_state(checkpoint)
         if self._trainer is not None:  # resuming a run, not loading weights (load_from_checkpoint)
             self._rng_to_restore = checkpoint.get("attack_rng")
-            remark = runs.resume_remark(checkpoint.get("attack_max_steps"), self.trainer.max_steps)
+            remark = inversion.resume_remark(checkpoint.get("attack_max_steps"), self.trainer.max_steps)
             if self.lr_decay and remark is not None:
                 rank_zero_warn(remark)
 
