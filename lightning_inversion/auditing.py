@@ -271,55 +271,64 @@ def train_victim(
 
 
 # --- leakage: the attack on each target ------------------------------------------------------------------------
-def attack_target(
+def attack_targets(
     data: VisionData,
     victim: nn.Module,
-    indices: list[int],
+    groups: list[list[int]],
     options: dict[str, Any],
     client: Client,
     settings: dict[str, Any],
     metric: LPIPSMetric | None,
-) -> dict[str, Any]:
-    """Attack the update ``client`` shares for the target images ``indices``; the measurements and the images."""
+) -> list[dict[str, Any]]:
+    """Attack the updates ``client`` shares for each group of target images, all groups in one fit (the target
+    axis: one target per group); the measurements and the images of each."""
     dataset = data.target_set()
-    items = [dataset[i] for i in indices]
-    x = torch.stack([torch.as_tensor(image) for image, _ in items])  # (B, C, H, W), normalised
-    y = torch.tensor([int(label) for _, label in items])
-    truth = denormalize(x, data.mean, data.std).clamp(0, 1)
+    batches = []
+    for indices in groups:
+        items = [dataset[i] for i in indices]
+        x = torch.stack([torch.as_tensor(image) for image, _ in items])  # (B, C, H, W), normalised
+        y = torch.tensor([int(label) for _, label in items])
+        batches.append((x, y, denormalize(x, data.mean, data.std).clamp(0, 1)))
     module = GradientInversion(
         victim,
         num_classes=data.num_classes,
         image_shape=tuple(data.image_shape),
         mean=tuple(data.mean),
         std=tuple(data.std),
-        num_images=len(indices),
+        num_images=len(groups[0]),
+        targets=len(groups),
         client=client,
         **options,
     )
-    update = client.update(victim, x, y)
-    module.set_target(update)
+    updates = [client.update(victim, x, y) for x, y, _ in batches]
+    module.set_targets(updates)
     started = time.perf_counter()
     with _quiet_lightning():
         pl.Trainer(**settings).fit(module)
-    result = module.reconstruction or module.reconstruct_result()
-    images = result.images.float().cpu()
-    if torch.isnan(images).any():
-        measured = {"psnr": math.nan, "ssim": math.nan, "lpips": None, "label_accuracy": None}
-        order = torch.arange(len(indices))
-    else:
-        measured = evaluate(images, truth, result.labels, y, victim, data.mean, data.std, metric)
-        order = measured["order"]
-    privacy = update.meta.get("privacy") or {}
-    return {
-        "psnr": measured["psnr"],
-        "ssim": measured["ssim"],
-        "lpips": measured.get("lpips"),
-        "label_accuracy": measured.get("label_accuracy"),
-        "epsilon": privacy.get("epsilon"),
-        "seconds": time.perf_counter() - started,
-        "image": images[order][0],  # the reconstruction matched to the target image itself
-        "truth": truth[0],
-    }
+    seconds = (time.perf_counter() - started) / len(groups)
+    results = []
+    for (_, y, truth), update, result in zip(batches, updates, module.reconstructions, strict=True):
+        images = result.images.float().cpu()
+        if torch.isnan(images).any():
+            measured = {"psnr": math.nan, "ssim": math.nan, "lpips": None, "label_accuracy": None}
+            order = torch.arange(len(y))
+        else:
+            measured = evaluate(images, truth, result.labels, y, victim, data.mean, data.std, metric)
+            order = measured["order"]
+        privacy = update.meta.get("privacy") or {}
+        results.append(
+            {
+                "psnr": measured["psnr"],
+                "ssim": measured["ssim"],
+                "lpips": measured.get("lpips"),
+                "label_accuracy": measured.get("label_accuracy"),
+                "epsilon": privacy.get("epsilon"),
+                "seconds": seconds,
+                "image": images[order][0],  # the reconstruction matched to the target image itself
+                "truth": truth[0],
+            }
+        )
+    return results
 
 
 # --- the grid ----------------------------------------------------------------------------------------------------
@@ -426,10 +435,8 @@ def run_audit(
         for k, setting in enumerate(settings):
             started = time.perf_counter()
             n = setting.client.num_clients
-            results = []
-            for index in targets:
-                group = [(index + j) % size for j in range(n)]
-                results.append(attack_target(data, model, group, options, setting.client, quiet, metric))
+            groups = [[(index + j) % size for j in range(n)] for index in targets]
+            results = attack_targets(data, model, groups, options, setting.client, quiet, metric)
             utility: dict[str, Any] = {"accuracy": None, "epsilon": None}
             if training is not None:
                 key = ",".join(d.describe() for d in setting.client.defenses)
@@ -838,7 +845,7 @@ __all__ = [
     "DefendedClassifier",
     "Sweep",
     "VictimTraining",
-    "attack_target",
+    "attack_targets",
     "audit_html",
     "main",
     "run_audit",

@@ -66,9 +66,15 @@ def _plain(value) -> bool:
 
 
 def describe(part: object) -> dict:
-    """``{"class_path": ..., "init_args": {...}}`` of a part: its class and its plain attributes, sorted."""
+    """``{"class_path": ..., "init_args": {...}}`` of a part: its class and its plain attributes, sorted; a list
+    of parts (the client's defenses) is described part by part."""
     cls = type(part)
-    options = {k: v for k, v in sorted(vars(part).items()) if _plain(v)}
+    options = {}
+    for k, v in sorted(vars(part).items()):
+        if _plain(v):
+            options[k] = v
+        elif isinstance(v, list | tuple) and all(hasattr(item, "__dict__") for item in v):
+            options[k] = [describe(item) for item in v]
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": options}
 
 
