@@ -339,7 +339,7 @@ class InversionReport(pl.Callback):
         # Between two steps, so the state is that of a step's end: the checkpoint first (nothing below touches
         # the images or the random generators, but the result is built after it all the same).
         checkpoints = save_last_checkpoint(trainer)
-        pl_module.on_train_end()  # the time so far and the result of the best restarts so far
+        pl_module.finish(sync=True)  # the time so far and the result of the best restarts so far
         self._finish(trainer, pl_module, interrupted=True, checkpoints=checkpoints)
 
     def _finish(
