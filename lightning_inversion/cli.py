@@ -303,6 +303,10 @@ class InversionCLI(LightningCLI):
         self.evaluation_result = None  # the Evaluation of a run over several targets
         self._args = kwargs.get("args")  # parsed again when a resumed checkpoint sets defaults
         self.resumed_checkpoint: tuple[str, dict] | None = None  # (path, checkpoint) of --ckpt_path PATH
+        if (
+            self.evaluation
+        ):  # no logger by default: config.yaml beside the outputs, not in the working directory
+            kwargs.setdefault("save_config_callback", _ConfigBesideOutputs)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
         kwargs.setdefault("parser_class", InversionArgumentParser)
@@ -1215,6 +1219,23 @@ def _with_safe_checkpoints(trainer: Trainer) -> Trainer:
             "--trainer.strategy): checkpoints are read only with weights_only=True through SafeCheckpointIO"
         )
     return trainer
+
+
+class _ConfigBesideOutputs(SaveConfigCallback):
+    """``config.yaml`` of ``evaluate.py``: in the log folder with a logger; without one (its default) beside the
+    outputs in ``report.output_dir``, rewritten by each run there, instead of in the working directory."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        report = next((cb for cb in trainer.callbacks if isinstance(cb, InversionReport)), None)
+        if trainer.loggers or report is None or report.output_dir is None or self.already_saved:
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            folder = Path(report.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = str(folder / self.config_filename)
+            self.parser.save(self.config, path, skip_unset=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = True
 
 
 class _RecordingInstantiator:

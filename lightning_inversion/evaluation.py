@@ -142,8 +142,8 @@ def evaluate_targets(
             ``evaluation.pt``, after every target; ``None`` writes nothing. It is tried before the first target.
         lpips: measure LPIPS (AlexNet) where its weights can be had.
         targets_per_fit: how many targets one fit attacks at once (the attack's ``targets`` axis, batched like
-            restarts; target t of a fit starts from the seeds of a separate run with seed ``seed + t·R``); the
-            results are written as each fit finishes. 1: one fit per target.
+            restarts; target t of the evaluation starts from the seeds of a separate run with seed ``seed + t·R``,
+            whatever the fits); the results are written as each fit finishes. 1: one fit per target.
 
     Returns:
         an :class:`Evaluation` with the rows, the summary and the images.
@@ -199,7 +199,9 @@ def evaluate_targets(
                 except UNREADABLE as error:  # this target only: the others are still worth their time
                     skipped[position] = _skipped(index, error)
                     log.error("target (index %d) skipped: %s", index, skipped[position]["error"])
-            attacked = iter(_attack_chunk(data, victim, readable, options, client, settings, metric))
+            # Target t of the evaluation starts where a separate run with seed + t·R starts, whatever the fits.
+            first = {**options, "seed": int(options.get("seed", 0)) + start * int(options.get("restarts", 1))}
+            attacked = iter(_attack_chunk(data, victim, readable, first, client, settings, metric))
             for position in range(len(chunk)):  # in the order of the targets
                 if position in skipped:
                     rows.append(skipped[position])
@@ -492,7 +494,7 @@ def attack_targets(
                 try:
                     readable.append((indices, *data.client_batch(indices)))
                 except UNREADABLE as error:  # this target only: the others are still worth their time
-                    skipped[position] = _skipped(target_name(indices), error)
+                    skipped[position] = _skipped(_joined(indices), error)
                     log.error("target %s skipped: %s", target_name(indices), skipped[position]["error"])
             measured = iter([])
             if readable:

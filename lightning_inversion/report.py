@@ -437,12 +437,11 @@ class InversionReport(pl.Callback):
             self.target_metrics.append(metrics)
             if folder is not None:
                 self.write(folder / f"target_{name}", result, truth, metrics, progress=False)
-        self.metrics = None
+        self.metrics, self.directory = None, folder
         psnrs = [m["psnr"] for m in self.target_metrics if m.get("psnr") is not None]
-        line = (
-            f"Reconstructed {len(results)} targets of {tuple(results[0].images.shape)} in {results[0].steps} "
-        )
-        line += f"steps, {results[0].seconds:.1f} s"
+        count = f"{len(results)} target{'s' if len(results) > 1 else ''}"
+        line = f"Reconstructed {count} of {tuple(results[0].images.shape)} in {results[0].steps} steps, "
+        line += f"{results[0].seconds:.1f} s"
         if psnrs:
             line += f"; mean PSNR {sum(psnrs) / len(psnrs):.2f} dB"
         if folder is not None:
