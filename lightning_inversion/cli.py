@@ -289,6 +289,13 @@ class InversionCLI(LightningCLI):
     atomically (:mod:`lightning_inversion.checkpoints`). Options that contradict a resumed checkpoint, or an
     ``--update`` that is not the update it attacks, are refused (:meth:`_parse_ckpt_path`).
 
+    When the data deals its images to several clients (``data.images_per_client``), each client's update is a
+    target: they are attacked ``--targets_per_fit`` per fit, each fit a fresh attack on the same victim
+    (:meth:`attack_on`), and each target's outputs and the table are written as each fit finishes
+    (:func:`~lightning_inversion.evaluation.attack_targets`). ``evaluation=True`` (``evaluate.py``) makes every
+    image its own client unless the data says otherwise, writes the table even for one target, and by default runs
+    without a logger and checkpoints, into ``outputs/evaluation``.
+
     Before anything is computed, every folder the run will write to is tried (exit 2 naming the folder and its
     option). SIGINT (Ctrl+C) and SIGTERM (preemption) stop the run after the step it is in, with a checkpoint and
     the outputs so far (:class:`StopOnSignal`); the process then exits with 130 or 143.
@@ -303,9 +310,7 @@ class InversionCLI(LightningCLI):
         self.evaluation_result = None  # the Evaluation of a run over several targets
         self._args = kwargs.get("args")  # parsed again when a resumed checkpoint sets defaults
         self.resumed_checkpoint: tuple[str, dict] | None = None  # (path, checkpoint) of --ckpt_path PATH
-        if (
-            self.evaluation
-        ):  # no logger by default: config.yaml beside the outputs, not in the working directory
+        if self.evaluation:  # without a logger (its default) config.yaml goes beside the outputs
             kwargs.setdefault("save_config_callback", _ConfigBesideOutputs)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
@@ -323,7 +328,7 @@ class InversionCLI(LightningCLI):
                 "data", "model.num_images", compute_fn=_attribute("batch_images"), apply_on="instantiate"
             )
             # The parser builds the attack on one target; the data's clients are attacked in fits of
-            # targets_per_fit, each built by the CLI (_attack_on).
+            # targets_per_fit, each built by the CLI (attack_on).
             parser.link_arguments("data", "model.targets", compute_fn=_one_target, apply_on="instantiate")
             parser.add_argument(
                 "--targets_per_fit",

@@ -424,10 +424,11 @@ class InversionReport(pl.Callback):
         self._flush()
         self.target_metrics = []
         updates = pl_module.updates or [pl_module.update] * len(results)
+        metric = LPIPSMetric() if self.lpips else None  # loaded once for all the targets
         for name, (truth, labels), update, result in zip(
             self.target_names, self.target_truths, updates, results, strict=True
         ):
-            metrics = self.measure(result, pl_module, truth, labels, update)
+            metrics = self.measure(result, pl_module, truth, labels, update, metric)
             metrics["target"] = {"name": name, "targets_in_fit": len(results)}
             metrics["interrupted"] = interrupted
             if interrupted:
@@ -455,10 +456,12 @@ class InversionReport(pl.Callback):
         truth: Tensor | None = None,
         truth_labels: Tensor | None = None,
         update=None,
+        lpips_metric: LPIPSMetric | None = None,
     ) -> dict:
         """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth.
 
-        ``truth``, ``truth_labels``, ``update``: one target's of several (default: the report's, the module's).
+        ``truth``, ``truth_labels``, ``update``: one target's of several (default: the report's, the module's);
+        ``lpips_metric``: LPIPS already loaded (default: loaded here when ``lpips``).
         """
         if truth is None:
             truth, truth_labels = self.truth, self.truth_labels
@@ -484,7 +487,7 @@ class InversionReport(pl.Callback):
                     victim=pl_module.victim,
                     mean=pl_module.mean,
                     std=pl_module.std,
-                    lpips=LPIPSMetric() if self.lpips else None,
+                    lpips=lpips_metric or (LPIPSMetric() if self.lpips else None),
                 )
             )
         if truth is not None and self.target_names is None and pl_module.analytic_features is not None:

@@ -276,9 +276,13 @@ def test_clients_of_several_images_and_one_target_as_before(tmp_path):
     """4 photos dealt to clients of 2: two targets named by their images; one client (images_per_client unset)
     writes the outputs of one attack, as always, and no table."""
     pairs = tmp_path / "pairs"
-    invert(
+    cli = invert(
         ["fit", "--config", str(CONFIG), *SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]"]
-        + ["--data.init_args.images_per_client=2", f"--report.output_dir={pairs}"]
+        + [
+            "--data.init_args.images_per_client=2",
+            f"--report.output_dir={pairs}",
+            "--report.monitor_every_n_steps=1",
+        ]
         + [f"--trainer.default_root_dir={tmp_path / 'logs_pairs'}"]
     )
     rows = read_rows(pairs)
@@ -286,6 +290,10 @@ def test_clients_of_several_images_and_one_target_as_before(tmp_path):
     metrics = json.loads((pairs / "target_2+3" / "metrics.json").read_text())
     assert metrics["threat_model"]["num_images"] == 2 and len(metrics["per_image"]["psnr"]) == 2
     assert torch.load(pairs / "target_0+1" / "reconstruction.pt", weights_only=True)["images"].shape[0] == 2
+    # The live PSNR (each target's best restart, matched to its own images) at the last step is the table's mean.
+    report = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InversionReport")
+    assert report.history["psnr_step"] == [1, 2]
+    assert report.history["psnr"][-1] == pytest.approx(cli.evaluation_result.summary["psnr"][0], rel=1e-4)
 
     one = tmp_path / "one"
     cli = invert(
@@ -375,7 +383,7 @@ def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
     one = invert(["fit", "--config", str(CONFIG), *common, f"--report.output_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     runs = {
-        "spawn": [sys.executable, "invert.py", "fit", "--trainer.strategy=ddp_spawn"],
+        "spawn": [sys.executable, str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp_spawn"],
         "torchrun": [
             sys.executable,
             "-m",
@@ -389,7 +397,7 @@ def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
         command = [*command, "--config", str(CONFIG), *common, "--trainer.devices=2", "--targets_per_fit=2"]
         out = subprocess.run(
             [*command, f"--report.output_dir={tmp_path / name}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         rows = read_rows(tmp_path / name)
