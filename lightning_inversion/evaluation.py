@@ -76,6 +76,8 @@ SUMMARY = {
     "label_accuracy": ("label accuracy", ".2f"),
     "seconds": ("seconds per target", ".2f"),
 }
+# evaluation.png shows at most this many targets (8 bands of 8).
+GRID_TARGETS = 64
 # Arguments of GradientInversion that the data (or the evaluation itself: one image per target) decides.
 DECIDED = ("num_classes", "image_shape", "mean", "std", "num_images", "client")
 # What evaluate_targets gives a Trainer unless trainer_kwargs say otherwise: quiet, one device, no files.
@@ -370,8 +372,11 @@ def write_evaluation(folder: str | Path, evaluation: Evaluation, description: st
         writer.writerow(COLUMNS)
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in evaluation.rows])
     (folder / "evaluation.md").write_text(evaluation_markdown(evaluation, description))
-    if len(evaluation.images):
-        save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth, rows=evaluation.rows)
+    measured = [row for row in evaluation.rows if row["error"] is None]
+    if len(evaluation.images) and measured:  # the first GRID_TARGETS targets: a picture, not a wall
+        shown = measured[:GRID_TARGETS]
+        n = len(evaluation.images) // len(measured) * len(shown)  # each target's B images
+        save_pairs(folder / "evaluation.png", evaluation.images[:n], evaluation.truth[:n], rows=shown)
     torch.save(
         {"images": evaluation.images, "truth": evaluation.truth, "rows": evaluation.rows},
         folder / "evaluation.pt",
@@ -404,6 +409,9 @@ def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
             for row in evaluation.rows
         ]
     lines += [""] + [f"Note: {note}" for note in evaluation.notes]
+    measured = sum(row["error"] is None for row in evaluation.rows)
+    if measured > GRID_TARGETS:
+        lines.append(f"Note: evaluation.png shows the first {GRID_TARGETS} of the {measured} targets")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -355,6 +355,40 @@ def test_evaluate_attacks_each_image_on_its_own_with_the_victim_checkpoint(tmp_p
     assert f"victim checkpoint {path}" in (tmp_path / "out" / "evaluation.md").read_text()
 
 
+def test_a_stopped_run_keeps_the_targets_of_its_finished_fits(tmp_path):
+    """SIGTERM in the second of two fits: the table holds the first fit's targets (and says two are still to run),
+    the second fit's targets have their outputs so far, marked interrupted; exit status 143."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        invert(
+            ["fit", "--config", str(CONFIG), *SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]"]
+            + ["--targets_per_fit=2", "--trainer.enable_checkpointing=false", f"--report.output_dir={out}"]
+            + ["--trainer.callbacks+=tests.helpers.StopInFit"]
+        )
+    assert stopped.value.code == 143
+    assert [r["index"] for r in read_rows(out)] == ["0", "1"]
+    assert "Note: 2 of 4 targets still to run when this was written" in (out / "evaluation.md").read_text()
+    done, cut = (json.loads((out / f"target_{i}" / "metrics.json").read_text()) for i in (1, 2))
+    assert done["interrupted"] is False and done["attack"]["steps"] == 2
+    assert cut["interrupted"] is True and cut["interrupted_at_step"] == 1 and cut["attack"]["steps"] == 1
+
+
+def test_the_grid_shows_the_first_targets_and_says_so(tmp_path, monkeypatch):
+    """evaluation.png shows the first GRID_TARGETS targets (64; here 2 of 3), not a wall of thousands."""
+    from lightning_inversion.evaluation import Evaluation, write_evaluation
+
+    monkeypatch.setattr(evaluation_module, "GRID_TARGETS", 2)
+    rows = [{**dict.fromkeys(COLUMNS), "index": i, "psnr": 10.0, "ssim": 0.1} for i in range(3)]
+    summary = dict.fromkeys(["psnr", "ssim", "lpips", "label_accuracy", "seconds"], (1.0, 0.0))
+    write_evaluation(tmp_path, Evaluation(rows, summary, torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)))
+    assert (
+        "Note: evaluation.png shows the first 2 of the 3 targets" in (tmp_path / "evaluation.md").read_text()
+    )
+    with Image.open(tmp_path / "evaluation.png") as png:  # two columns (about 140 pixels each)
+        assert 2 * 128 <= png.size[0] < 3 * 160
+    assert len(torch.load(tmp_path / "evaluation.pt", weights_only=True)["images"]) == 3
+
+
 def test_images_per_client_deals_the_chosen_images_out_and_must_divide_them():
     data = PhotoData(image_size=16, target_indices=[7, 1, 3, 5], images_per_client=2)
     assert data.batch_images == 2 and data.num_targets == 2 and data.target_clients() == [[7, 1], [3, 5]]
@@ -396,7 +430,7 @@ def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
     for name, command in runs.items():
         command = [*command, "--config", str(CONFIG), *common, "--trainer.devices=2", "--targets_per_fit=2"]
         out = subprocess.run(
-            [*command, f"--report.output_dir={tmp_path / name}"],
+            [*command, f"--report.output_dir={tmp_path / name}", f"--trainer.default_root_dir={tmp_path / name}"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
