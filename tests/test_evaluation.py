@@ -425,7 +425,7 @@ def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
             "--nproc_per_node=2",
             "--master_port=29517",
         ]
-        + ["invert.py", "fit", "--trainer.strategy=ddp"],
+        + [str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp"],
     }
     for name, command in runs.items():
         command = [*command, "--config", str(CONFIG), *common, "--trainer.devices=2", "--targets_per_fit=2"]
