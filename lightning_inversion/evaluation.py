@@ -544,8 +544,8 @@ def attack_targets(
                 images.append(image)
                 truths.append(pixels)
                 log.info(
-                    "target %d/%d (%s): PSNR %s, SSIM %s",
-                    len(rows), len(clients), row["index"], _cell(row["psnr"]), _cell(row["ssim"]),
+                    "target %d/%d (%s): PSNR %s dB, SSIM %s",
+                    len(rows), len(clients), row["index"], _fixed(row["psnr"], 2), _fixed(row["ssim"], 3),
                 )  # fmt: skip
             done = start + len(chunk)
             notes = list(metric_note)
@@ -598,6 +598,11 @@ def _read_target(
         "error": None,
     }
     return row, image, truth
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    """A number with ``digits`` decimals, or ``n/a`` (a failed reconstruction)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _joined(values: Sequence[int]) -> int | str:
