@@ -334,9 +334,8 @@ class InversionCLI(LightningCLI):
                 "--targets_per_fit",
                 type=PositiveInt,
                 default=8,
-                help="When the data deals its images to several clients (data.images_per_client), how many of "
-                "those targets one fit attacks at once (batched like restarts, split over the devices like them); "
-                "each target's outputs and the table are written as each fit finishes.",
+                help="How many targets (the data's clients, data.images_per_client) one fit attacks at once; "
+                "each fit's results are written as it ends.",
             )
             parser.add_class_arguments(Client, "client", fail_untyped=True)
             parser.link_arguments("client", "model.client", apply_on="instantiate")
