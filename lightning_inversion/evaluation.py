@@ -644,8 +644,10 @@ def main(args: list[str] | None = None) -> Evaluation | None:
     ``report.output_dir`` says otherwise, no logger and no checkpoints by default."""
     from .cli import main as cli_main
 
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] != ["fit"]:
-        argv = ["fit", *argv]
-    cli = cli_main(argv, exit_on_error=args is None, evaluation=True)
+    if args is None:  # the command line: read as invert.py fit's (and so re-run by Lightning's DDP launcher)
+        if sys.argv[1:2] != ["fit"]:
+            sys.argv.insert(1, "fit")
+        cli = cli_main(None, evaluation=True)
+    else:
+        cli = cli_main(args if args[:1] == ["fit"] else ["fit", *args], evaluation=True)
     return None if cli is None else cli.evaluation_result
