@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -54,11 +54,11 @@ from .client import Client
 from .data import VisionData
 from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
-from .evaluation import QUIET_TRAINER, _changed, add_attack_sections
+from .evaluation import DECIDED, QUIET_TRAINER
 from .evaluation import _quiet_lightning as _quiet_fit
 from .images import denormalize
 from .metrics import LPIPSMetric, evaluate, flat_psnr, summarize
-from .report import OutputFolderError, check_writable, draw_rows
+from .report import InversionReport, OutputFolderError, check_writable, draw_rows
 from .targets import attack_victim
 
 log = logging.getLogger(__name__)
@@ -766,6 +766,25 @@ def audit_html(markdown: str, plot: Path, grids: dict[str, Path]) -> str:
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
+def add_attack_sections(parser: ArgumentParser, seed_help: str, data_help: str) -> None:
+    """The sections of an ``invert.py fit`` config, for ``audit.py`` (which runs many attacks and trainings)."""
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
+    parser.add_argument("--seed_everything", type=int | None, default=0, help=seed_help)
+    parser.add_subclass_arguments(VisionData, "data", help=data_help)
+    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
+    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
+    parser.add_class_arguments(Client, "client")
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
+    parser.add_class_arguments(InversionReport, "report", instantiate=False)
+
+
+def _changed(values: Namespace, defaults: Namespace) -> dict[str, Any]:
+    """The entries of a parsed group that differ from the parser's defaults."""
+    values, defaults = values.as_dict(), defaults.as_dict()
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
 def build_parser() -> ArgumentParser:
     """The parser of ``audit.py``: the sections of an ``invert.py fit`` config and an ``audit`` section."""
     parser = ArgumentParser(
