@@ -1,4 +1,7 @@
-"""Attack every target image on its own and tabulate the results: ``python evaluate.py --config configs/eval_photos.yaml``."""
+"""Attack every target image on its own and tabulate the results: ``python evaluate.py --config configs/eval_photos.yaml``.
+
+The same LightningCLI as ``invert.py fit`` (every option of it), with each chosen image its own client by default.
+"""
 
 import os
 

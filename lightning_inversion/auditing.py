@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -54,11 +54,11 @@ from .client import Client
 from .data import VisionData
 from .defenses import DPSGD, Defense, private_generator
 from .errors import InputError
-from .evaluation import QUIET_TRAINER, _changed, add_attack_sections
+from .evaluation import DECIDED, QUIET_TRAINER
 from .evaluation import _quiet_lightning as _quiet_fit
 from .images import denormalize
-from .metrics import LPIPSMetric, evaluate, summarize
-from .report import OutputFolderError, check_writable, draw_rows
+from .metrics import LPIPSMetric, evaluate, flat_psnr, summarize
+from .report import InversionReport, OutputFolderError, check_writable, draw_rows
 from .targets import attack_victim
 
 log = logging.getLogger(__name__)
@@ -271,55 +271,64 @@ def train_victim(
 
 
 # --- leakage: the attack on each target ------------------------------------------------------------------------
-def attack_target(
+def attack_targets(
     data: VisionData,
     victim: nn.Module,
-    indices: list[int],
+    groups: list[list[int]],
     options: dict[str, Any],
     client: Client,
     settings: dict[str, Any],
     metric: LPIPSMetric | None,
-) -> dict[str, Any]:
-    """Attack the update ``client`` shares for the target images ``indices``; the measurements and the images."""
+) -> list[dict[str, Any]]:
+    """Attack the updates ``client`` shares for each group of target images, all groups in one fit (the target
+    axis: one target per group); the measurements and the images of each."""
     dataset = data.target_set()
-    items = [dataset[i] for i in indices]
-    x = torch.stack([torch.as_tensor(image) for image, _ in items])  # (B, C, H, W), normalised
-    y = torch.tensor([int(label) for _, label in items])
-    truth = denormalize(x, data.mean, data.std).clamp(0, 1)
+    batches = []
+    for indices in groups:
+        items = [dataset[i] for i in indices]
+        x = torch.stack([torch.as_tensor(image) for image, _ in items])  # (B, C, H, W), normalised
+        y = torch.tensor([int(label) for _, label in items])
+        batches.append((x, y, denormalize(x, data.mean, data.std).clamp(0, 1)))
     module = GradientInversion(
         victim,
         num_classes=data.num_classes,
         image_shape=tuple(data.image_shape),
         mean=tuple(data.mean),
         std=tuple(data.std),
-        num_images=len(indices),
+        num_images=len(groups[0]),
+        targets=len(groups),
         client=client,
         **options,
     )
-    update = client.update(victim, x, y)
-    module.set_target(update)
+    updates = [client.update(victim, x, y) for x, y, _ in batches]
+    module.set_targets(updates)
     started = time.perf_counter()
     with _quiet_lightning():
         pl.Trainer(**settings).fit(module)
-    result = module.reconstruction or module.reconstruct_result()
-    images = result.images.float().cpu()
-    if torch.isnan(images).any():
-        measured = {"psnr": math.nan, "ssim": math.nan, "lpips": None, "label_accuracy": None}
-        order = torch.arange(len(indices))
-    else:
-        measured = evaluate(images, truth, result.labels, y, victim, data.mean, data.std, metric)
-        order = measured["order"]
-    privacy = update.meta.get("privacy") or {}
-    return {
-        "psnr": measured["psnr"],
-        "ssim": measured["ssim"],
-        "lpips": measured.get("lpips"),
-        "label_accuracy": measured.get("label_accuracy"),
-        "epsilon": privacy.get("epsilon"),
-        "seconds": time.perf_counter() - started,
-        "image": images[order][0],  # the reconstruction matched to the target image itself
-        "truth": truth[0],
-    }
+    seconds = (time.perf_counter() - started) / len(groups)
+    results = []
+    for (_, y, truth), update, result in zip(batches, updates, module.reconstructions, strict=True):
+        images = result.images.float().cpu()
+        if torch.isnan(images).any():
+            measured = {"psnr": math.nan, "ssim": math.nan, "lpips": None, "label_accuracy": None}
+            order = torch.arange(len(y))
+        else:
+            measured = evaluate(images, truth, result.labels, y, victim, data.mean, data.std, metric)
+            order = measured["order"]
+        privacy = update.meta.get("privacy") or {}
+        results.append(
+            {
+                "psnr": measured["psnr"],
+                "ssim": measured["ssim"],
+                "lpips": measured.get("lpips"),
+                "label_accuracy": measured.get("label_accuracy"),
+                "epsilon": privacy.get("epsilon"),
+                "seconds": seconds,
+                "image": images[order][0],  # the reconstruction matched to the target image itself
+                "truth": truth[0],
+            }
+        )
+    return results
 
 
 # --- the grid ----------------------------------------------------------------------------------------------------
@@ -420,16 +429,15 @@ def run_audit(
     rows: list[dict[str, Any]] = []
     pictures: dict[str, list[tuple[str, Tensor, list[str]]]] = {}
     truths: Tensor | None = None
+    floor = None
     baseline = None
     flags = [p.requires_grad for p in model.parameters()]
     try:
         for k, setting in enumerate(settings):
             started = time.perf_counter()
             n = setting.client.num_clients
-            results = []
-            for index in targets:
-                group = [(index + j) % size for j in range(n)]
-                results.append(attack_target(data, model, group, options, setting.client, quiet, metric))
+            groups = [[(index + j) % size for j in range(n)] for index in targets]
+            results = attack_targets(data, model, groups, options, setting.client, quiet, metric)
             utility: dict[str, Any] = {"accuracy": None, "epsilon": None}
             if training is not None:
                 key = ",".join(d.describe() for d in setting.client.defenses)
@@ -442,6 +450,13 @@ def run_audit(
             rows.append(row)
             if truths is None:
                 truths = torch.stack([r["truth"] for r in results])
+                floors = flat_psnr(truths)
+                floor = float(floors.mean())
+                notes.append(
+                    "a flat image of each target's own mean colour scores "
+                    f"{', '.join(f'{v:.1f}' for v in floors.tolist())} dB (mean {floor:.1f}): a PSNR near that "
+                    "recovers the colours, not the image; look at the grids"
+                )
             label = "none" if setting.strength is None else f"{setting.parameter} {_number(setting.strength)}"
             captions = [_caption(r["psnr"]) for r in results]
             line = (label, torch.stack([r["image"] for r in results]), captions)
@@ -467,7 +482,9 @@ def run_audit(
                 if pending
                 else []
             )
-            write_audit(output_dir, rows, truths, targets, pictures, threshold, description, [*notes, *extra])
+            write_audit(
+                output_dir, rows, truths, targets, pictures, threshold, description, [*notes, *extra], floor
+            )
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
@@ -592,8 +609,11 @@ def audit_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -> None:
-    """``audit.png``: per defense, mean PSNR (± std) and victim accuracy against strength; then the frontier."""
+def plot_audit(
+    path: str | Path, rows: list[dict[str, Any]], threshold: float, floor: float | None = None
+) -> None:
+    """``audit.png``: per defense, mean PSNR (± std) and victim accuracy against strength; then the frontier.
+    ``floor`` (dB): the flat-colour PSNR, drawn dash-dotted."""
     from matplotlib.figure import Figure
 
     names = list(dict.fromkeys(r["defense"] for r in rows if r["defense"] != NO_DEFENSE))
@@ -610,6 +630,8 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
         x = [r["strength"] for r in mine]
         ax.errorbar(x, [r["psnr_mean"] for r in mine], [r["psnr_std"] for r in mine], marker="o", color="C0")
         ax.axhline(threshold, color="gray", ls=":", lw=1)
+        if floor is not None:
+            ax.axhline(floor, color="gray", ls="-.", lw=1)
         if undefended is not None and undefended["psnr_mean"] is not None:
             ax.axhline(undefended["psnr_mean"], color="C0", ls="--", lw=1)
         if x and min(x) > 0 and max(x) / min(x) >= 20:
@@ -636,6 +658,8 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
     if undefended is not None and undefended["victim_accuracy"] is not None:
         ax.plot(undefended["victim_accuracy"], undefended["psnr_mean"], "k*", ms=12, label="no defense")
     ax.axhline(threshold, color="gray", ls=":", lw=1)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="-.", lw=1)
     ax.set_xlabel("victim accuracy (utility →)")
     ax.set_ylabel("PSNR (dB) (leakage ↑)")
     ax.set_title("privacy–utility frontier (best: bottom right)", fontsize=10)
@@ -645,7 +669,12 @@ def plot_audit(path: str | Path, rows: list[dict[str, Any]], threshold: float) -
         extra.set_visible(False)
     fig.suptitle(
         f"Leakage (PSNR, blue) and utility (victim accuracy, red) against defense strength; "
-        f"dashed: no defense; dotted: {threshold:g} dB",
+        f"dashed: no defense; dotted: {threshold:g} dB"
+        + (
+            ""
+            if floor is None
+            else f"; dash-dotted: a flat image of the targets' mean colours ({floor:.1f} dB)"
+        ),
         fontsize=10,
     )
     fig.savefig(path, dpi=90)
@@ -664,8 +693,10 @@ def write_audit(
     threshold: float,
     description: str = "",
     notes: list[str] | None = None,
+    floor: float | None = None,
 ) -> Path:
-    """Write ``audit.csv``, ``audit.md``, ``audit.png``, ``grid_<defense>.png`` and ``audit.html``."""
+    """Write ``audit.csv``, ``audit.md``, ``audit.png``, ``grid_<defense>.png`` and ``audit.html``; ``floor``: the
+    targets' mean flat-colour PSNR (:func:`~.metrics.flat_psnr`), drawn in the plots."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "audit.csv", "w", newline="") as file:
@@ -674,7 +705,7 @@ def write_audit(
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in rows])
     markdown = audit_markdown(rows, threshold, description, notes)
     (folder / "audit.md").write_text(markdown)
-    plot_audit(folder / "audit.png", rows, threshold)
+    plot_audit(folder / "audit.png", rows, threshold, floor)
     grids = {}
     for name, lines in pictures.items():
         if not lines or truths is None:
@@ -735,6 +766,25 @@ def audit_html(markdown: str, plot: Path, grids: dict[str, Path]) -> str:
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
+def add_attack_sections(parser: ArgumentParser, seed_help: str, data_help: str) -> None:
+    """The sections of an ``invert.py fit`` config, for ``audit.py`` (which runs many attacks and trainings)."""
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
+    parser.add_argument("--seed_everything", type=int | None, default=0, help=seed_help)
+    parser.add_subclass_arguments(VisionData, "data", help=data_help)
+    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
+    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
+    parser.add_class_arguments(Client, "client")
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
+    parser.add_class_arguments(InversionReport, "report", instantiate=False)
+
+
+def _changed(values: Namespace, defaults: Namespace) -> dict[str, Any]:
+    """The entries of a parsed group that differ from the parser's defaults."""
+    values, defaults = values.as_dict(), defaults.as_dict()
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
 def build_parser() -> ArgumentParser:
     """The parser of ``audit.py``: the sections of an ``invert.py fit`` config and an ``audit`` section."""
     parser = ArgumentParser(
@@ -838,7 +888,7 @@ __all__ = [
     "DefendedClassifier",
     "Sweep",
     "VictimTraining",
-    "attack_target",
+    "attack_targets",
     "audit_html",
     "main",
     "run_audit",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import difflib
 import importlib
 import inspect
@@ -18,14 +19,16 @@ import textwrap
 import threading
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import DefaultHelpFormatter
+from jsonargparse.typing import PositiveInt
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
@@ -286,15 +289,29 @@ class InversionCLI(LightningCLI):
     atomically (:mod:`lightning_inversion.checkpoints`). Options that contradict a resumed checkpoint, or an
     ``--update`` that is not the update it attacks, are refused (:meth:`_parse_ckpt_path`).
 
+    When the data deals its images to several clients (``data.images_per_client``), each client's update is a
+    target: they are attacked ``--targets_per_fit`` per fit, each fit a fresh attack on the same victim
+    (:meth:`attack_on`), and each target's outputs and the table are written as each fit finishes
+    (:func:`~lightning_inversion.evaluation.attack_targets`). ``evaluation=True`` (``evaluate.py``) makes every
+    image its own client unless the data says otherwise, writes the table even for one target, and by default runs
+    without a logger and checkpoints, into ``outputs/evaluation``.
+
     Before anything is computed, every folder the run will write to is tried (exit 2 naming the folder and its
     option). SIGINT (Ctrl+C) and SIGTERM (preemption) stop the run after the step it is in, with a checkpoint and
     the outputs so far (:class:`StopOnSignal`); the process then exits with 130 or 143.
     """
 
-    def __init__(self, model_class: type[LightningModule], *args, **kwargs) -> None:
+    def __init__(self, model_class: type[LightningModule], *args, evaluation: bool = False, **kwargs) -> None:
         self.attack = issubclass(model_class, GradientInversion)
+        # evaluate.py: each chosen image is its own client unless the data says otherwise, every target's outputs
+        # and the table are written even for one target, no logger and no checkpoints by default.
+        self.evaluation = evaluation and self.attack
+        self.model_arguments: tuple[type, tuple, dict] | None = None  # how the parser built the attack
+        self.evaluation_result = None  # the Evaluation of a run over several targets
         self._args = kwargs.get("args")  # parsed again when a resumed checkpoint sets defaults
         self.resumed_checkpoint: tuple[str, dict] | None = None  # (path, checkpoint) of --ckpt_path PATH
+        if self.evaluation:  # without a logger (its default) config.yaml goes beside the outputs
+            kwargs.setdefault("save_config_callback", _ConfigBesideOutputs)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", not self.attack)
         kwargs.setdefault("parser_class", InversionArgumentParser)
@@ -309,6 +326,16 @@ class InversionCLI(LightningCLI):
         if self.attack:
             parser.link_arguments(
                 "data", "model.num_images", compute_fn=_attribute("batch_images"), apply_on="instantiate"
+            )
+            # The parser builds the attack on one target; the data's clients are attacked in fits of
+            # targets_per_fit, each built by the CLI (attack_on).
+            parser.link_arguments("data", "model.targets", compute_fn=_one_target, apply_on="instantiate")
+            parser.add_argument(
+                "--targets_per_fit",
+                type=PositiveInt,
+                default=8,
+                help="How many targets (the data's clients, data.images_per_client) one fit attacks at once; "
+                "each fit's results are written as it ends.",
             )
             parser.add_class_arguments(Client, "client", fail_untyped=True)
             parser.link_arguments("client", "model.client", apply_on="instantiate")
@@ -336,6 +363,14 @@ class InversionCLI(LightningCLI):
                     "trainer.enable_model_summary": False,  # the victim's layers, not what the attack optimises
                 }
             )
+            if self.evaluation:
+                parser.set_defaults(
+                    {
+                        "trainer.logger": False,
+                        "trainer.enable_checkpointing": False,
+                        "report.output_dir": "outputs/evaluation",
+                    }
+                )
 
     # Lightning's notices that do not apply here (lightning_inversion.attack.LIGHTNING_NOTICES) are silenced while
     # the classes are built (the CSV logger where TensorBoard is not installed) and while a subcommand runs.
@@ -360,6 +395,21 @@ class InversionCLI(LightningCLI):
             raise
         sys.stderr.write(written.getvalue())
 
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        if not self.attack:
+            return
+        # Lightning's instantiator of the model, wrapped to remember the arguments: the CLI builds the attack again
+        # for each fit over several targets (ArgumentParser.add_instantiator is deprecated in jsonargparse, and
+        # LightningCLI's own call above uses it all the same).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.parser.add_instantiator(
+                _RecordingInstantiator(self, _InstantiatorFn(cli=self, key="model")),
+                self._model_class,
+                subclasses=self.subclass_mode_model,
+            )
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
@@ -367,6 +417,10 @@ class InversionCLI(LightningCLI):
         self._check_trainer_options(trainer)
         if not self.attack:
             return
+        data = self.config[self.subcommand].data
+        if self.evaluation and "images_per_client" in data.get("init_args", {}):
+            if data.init_args.images_per_client is None:  # evaluate.py: every image its own client
+                data.init_args.images_per_client = 1
         # The default callbacks must not break a Trainer without checkpoints or without a logger.
         drop = set()
         if trainer.get("enable_checkpointing") is False:
@@ -436,21 +490,48 @@ class InversionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer, reading and writing checkpoints through :class:`SafeCheckpointIO`."""
-        trainer = super().instantiate_trainer(**kwargs)
-        strategy = trainer.strategy
-        io = strategy.checkpoint_io
-        if isinstance(io, _WrappingCheckpointIO):
-            if io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO:
-                io._checkpoint_io = SafeCheckpointIO()  # the setter keeps a base IO already set
-            io = io.checkpoint_io
-        elif type(io) is TorchCheckpointIO:
-            strategy.checkpoint_io = io = SafeCheckpointIO()
-        if not isinstance(io, SafeCheckpointIO):
-            raise CheckpointError(
-                f"the checkpoint plugin {type(io).__name__} is not supported (--trainer.plugins, "
-                "--trainer.strategy): checkpoints are read only with weights_only=True through SafeCheckpointIO"
-            )
+        return _with_safe_checkpoints(super().instantiate_trainer(**kwargs))
+
+    def trainer_for_targets(self, first: bool) -> Trainer:
+        """The Trainer of one fit over several targets: the CLI's for the first, a fresh one (same options,
+        callbacks and loggers, so one log folder) for the next; without checkpoints, since such a run is not
+        continued (its finished targets are kept)."""
+        if first:
+            trainer = self.trainer
+        else:
+            config = dict(self._get(self.config_init, "trainer", default={}))
+            config["callbacks"] = [
+                cb
+                for cb in config.get("callbacks") or []
+                # config.yaml is written once; checkpoints are not
+                if not isinstance(cb, SaveConfigCallback | StopOnSignal | ModelCheckpoint)
+            ]
+            config["logger"] = list(self.trainer.loggers) or False
+            config["enable_checkpointing"] = False
+            trainer = _with_safe_checkpoints(self.trainer_class(**config))
+        trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
         return trainer
+
+    def attack_on(self, targets: int, first_target: int) -> GradientInversion:
+        """A fresh attack with the options of the CLI's on ``targets`` targets and its victim (the very module:
+        one victim for every client and every fit); target t starts where a run with ``seed + (first_target +
+        t)·R`` starts."""
+        if self.model_arguments is None:
+            raise RuntimeError(
+                "the attack's arguments were not recorded (load_from_checkpoint_support=False)"
+            )
+        class_type, args, kwargs = self.model_arguments
+        template = self.model
+        kwargs = copy.deepcopy(kwargs)
+        kwargs.update(
+            victim=template.victim,
+            victim_weights=None,
+            victim_checkpoint=None,
+            pretrained=False,
+            targets=targets,
+            seed=int(kwargs.get("seed", 0)) + first_target * template.restarts,
+        )
+        return class_type(*args, **kwargs)
 
     def _hand_over(self, path: str, checkpoint: dict) -> None:
         """Give the Trainer the checkpoint already read, so that it is not read (or downloaded) again."""
@@ -490,6 +571,11 @@ class InversionCLI(LightningCLI):
         report = next(cb for cb in self.trainer.callbacks if isinstance(cb, InversionReport))
         for folder, option in self.output_folders(report).items():
             check_writable(folder, option)
+        if self.evaluation or datamodule.num_targets > 1:  # the data deals its images to several clients
+            from .evaluation import attack_targets
+
+            self.evaluation_result = attack_targets(self, datamodule, report, kwargs.get("ckpt_path"))
+            return
         ckpt_path = kwargs.get("ckpt_path")
         given = None
         if config.get("update"):
@@ -1117,6 +1203,66 @@ def _type_error_line(output: str) -> str | None:
     return f"error: --{option} must be {_ALLOWED[found.group(1)]}{got}\n"
 
 
+def _with_safe_checkpoints(trainer: Trainer) -> Trainer:
+    """``trainer``, reading and writing checkpoints through :class:`SafeCheckpointIO`.
+
+    Raises:
+        CheckpointError: another checkpoint plugin was chosen.
+    """
+    strategy = trainer.strategy
+    io = strategy.checkpoint_io
+    if isinstance(io, _WrappingCheckpointIO):
+        if io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO:
+            io._checkpoint_io = SafeCheckpointIO()  # the setter keeps a base IO already set
+        io = io.checkpoint_io
+    elif type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = io = SafeCheckpointIO()
+    if not isinstance(io, SafeCheckpointIO):
+        raise CheckpointError(
+            f"the checkpoint plugin {type(io).__name__} is not supported (--trainer.plugins, "
+            "--trainer.strategy): checkpoints are read only with weights_only=True through SafeCheckpointIO"
+        )
+    return trainer
+
+
+class _ConfigBesideOutputs(SaveConfigCallback):
+    """``config.yaml`` of ``evaluate.py``: in the log folder with a logger; without one (its default) beside the
+    outputs in ``report.output_dir``, rewritten by each run there, instead of in the working directory."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        report = next((cb for cb in trainer.callbacks if isinstance(cb, InversionReport)), None)
+        if trainer.loggers or report is None or report.output_dir is None or self.already_saved:
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            folder = Path(report.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = str(folder / self.config_filename)
+            self.parser.save(self.config, path, skip_unset=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = True
+
+
+class _RecordingInstantiator:
+    """Builds the attack as LightningCLI does (``inner``) and keeps the arguments in ``cli.model_arguments``."""
+
+    def __init__(self, cli: InversionCLI, inner: _InstantiatorFn) -> None:
+        self.cli, self.inner = cli, inner
+
+    def __call__(self, class_type: type, *args, applied_instantiation_links: dict, **kwargs):
+        # A copy of the parts before any fit binds them (to a target update, a device, a process group).
+        pristine = copy.deepcopy({k: v for k, v in kwargs.items() if k != "victim"})
+        self.cli.model_arguments = (class_type, args, pristine)
+        return self.inner(
+            class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs
+        )
+
+
+def _one_target(data: VisionData) -> int:
+    """``compute_fn`` of the link to ``model.targets``: the parser's attack is on one target (the CLI builds the
+    attacks on several, :meth:`InversionCLI.attack_on`)."""
+    return 1
+
+
 class _attribute:  # noqa: N801 - used like a function; a class so that ddp_spawn can pickle the parser
     """``compute_fn`` of an argument link: the attribute ``name`` of the data (lists as tuples)."""
 
@@ -1144,15 +1290,17 @@ def main(
     args: list[str] | None = None,
     model_class: type[LightningModule] = GradientInversion,
     exit_on_error: bool | None = None,
+    evaluation: bool = False,
 ) -> InversionCLI | None:
     """Run the CLI (``args=None`` reads ``sys.argv``).
 
     A user's mistake (an option out of range, missing data or weights, a bad update or image file) prints one line,
     ``error: ...``, and exits with status 2. ``exit_on_error`` (default: only when reading ``sys.argv``) says
     whether to exit like that; otherwise the line is printed and the exception raised to the caller.
+    ``evaluation``: run as ``evaluate.py`` (:class:`InversionCLI`).
     """
     try:
-        return InversionCLI(model_class, args=args)
+        return InversionCLI(model_class, args=args, evaluation=evaluation)
     except Exception as error:
         cause = _user_error(error)
         if cause is None:

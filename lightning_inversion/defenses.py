@@ -267,9 +267,8 @@ class Quantize(Defense):
             return t.sign()
         levels = 2 ** (self.bits - 1) - 1
         scale = t.abs().max() / levels
-        if scale == 0:
-            return t.clone()
-        return torch.round(t / scale).clamp(-levels, levels) * scale
+        # An all-zero tensor stays zero; no branch on the value, so that vmap (the target axis) can batch it.
+        return torch.round(t / torch.where(scale > 0, scale, 1.0)).clamp(-levels, levels) * scale
 
     def simulate(self, tensors: list[Tensor]) -> list[Tensor]:
         return [t + (self.quantize(t) - t).detach() for t in tensors]

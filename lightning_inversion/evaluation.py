@@ -1,26 +1,25 @@
-"""Evaluation over many targets: the protocol of Geiping et al. 2020's tables, one reconstruction per image.
+"""Evaluation over many targets: the protocol of Geiping et al. 2020's tables, one reconstruction per client.
 
-Each target is one private image of a :class:`~lightning_inversion.data.VisionData`'s target split, attacked on
-its own (one client, one image, as in the paper's Table 1): the simulated client computes its update, a fresh
-:class:`~lightning_inversion.attack.GradientInversion` with the same options inverts it, and the result is
-measured against the ground truth. Up to ``targets_per_fit`` targets share one fit: the attack's ``targets`` axis
-optimises them together, batched like restarts, each against its own update and its restarts chosen on their own.
+The data's chosen images are dealt out to clients (``data.images_per_client``; 1: each image its own client, as in
+the paper's Table 1); each client computes its own update and is one target. ``invert.py fit`` (and
+``evaluate.py``, the same LightningCLI with each image its own client by default) attacks them through the
+attack's target axis, up to ``--targets_per_fit`` targets per fit, batched like restarts and split over the
+devices like them (:func:`attack_targets`); each target's restarts are scored and chosen on their own.
 
-Outputs in ``output_dir``: ``evaluation.csv`` (one row per target), ``evaluation.md`` (mean ± std of each
-metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the images). They
-are rewritten as each target finishes, so a run stopped half-way keeps the targets done. A target whose image
-cannot be read is skipped: its row names the error, and the others are kept.
+Outputs in the run's folder: ``target_NAME/`` per target (``reconstruction.png``, ``reconstruction.pt``,
+``metrics.json`` with the threat model), and ``evaluation.csv`` (one row per target), ``evaluation.md`` (mean ± std
+of each metric), ``evaluation.png`` (every ground truth above its reconstruction) and ``evaluation.pt`` (the
+images). They are rewritten as each fit finishes, so a run stopped half-way keeps the targets done. A target whose
+image cannot be read is skipped: its row names the error, and the others are kept.
 
-The command line (``python evaluate.py --config configs/eval_photos.yaml``) reads the same sections as
-``invert.py fit``: ``data``, ``model`` (the attack's options, victim included), ``client``, ``trainer`` and
-``report`` (``output_dir``, ``lpips``); the data's ``target_indices`` (or its first ``num_images``) are the
-targets, each attacked on its own.
+:func:`evaluate_targets` does the same from Python, with a victim given as a module.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
 import logging
 import math
 import signal
@@ -30,25 +29,26 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from jsonargparse.typing import PositiveInt
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from .attack import GradientInversion
-from .cli import StopOnSignal
 from .client import Client
 from .data import VisionData
+from .errors import InputError
 from .images import denormalize
-from .metrics import LPIPSMetric, evaluate, summarize
+from .metrics import LPIPSMetric, evaluate, match_to_truth, summarize
 from .notices import lightning_notices_silenced
-from .report import InversionReport, OutputFolderError, check_writable, draw_rows
+from .report import InversionReport, check_writable, draw_rows
 from .targets import attack_victim
 from .threat_model import COLUMNS as THREAT_MODEL_COLUMNS
+
+if TYPE_CHECKING:
+    from .cli import InversionCLI
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ SUMMARY = {
     "label_accuracy": ("label accuracy", ".2f"),
     "seconds": ("seconds per target", ".2f"),
 }
+# evaluation.png shows at most this many targets (8 bands of 8).
+GRID_TARGETS = 64
 # Arguments of GradientInversion that the data (or the evaluation itself: one image per target) decides.
 DECIDED = ("num_classes", "image_shape", "mean", "std", "num_images", "client")
 # What evaluate_targets gives a Trainer unless trainer_kwargs say otherwise: quiet, one device, no files.
@@ -142,8 +144,8 @@ def evaluate_targets(
             ``evaluation.pt``, after every target; ``None`` writes nothing. It is tried before the first target.
         lpips: measure LPIPS (AlexNet) where its weights can be had.
         targets_per_fit: how many targets one fit attacks at once (the attack's ``targets`` axis, batched like
-            restarts; target t of a fit starts from the seeds of a separate run with seed ``seed + t·R``); the
-            results are written as each fit finishes. 1: one fit per target.
+            restarts; target t of the evaluation starts from the seeds of a separate run with seed ``seed + t·R``,
+            whatever the fits); the results are written as each fit finishes. 1: one fit per target.
 
     Returns:
         an :class:`Evaluation` with the rows, the summary and the images.
@@ -199,7 +201,9 @@ def evaluate_targets(
                 except UNREADABLE as error:  # this target only: the others are still worth their time
                     skipped[position] = _skipped(index, error)
                     log.error("target (index %d) skipped: %s", index, skipped[position]["error"])
-            attacked = iter(_attack_chunk(data, victim, readable, options, client, settings, metric))
+            # Target t of the evaluation starts where a separate run with seed + t·R starts, whatever the fits.
+            first = {**options, "seed": int(options.get("seed", 0)) + start * int(options.get("restarts", 1))}
+            attacked = iter(_attack_chunk(data, victim, readable, first, client, settings, metric))
             for position in range(len(chunk)):  # in the order of the targets
                 if position in skipped:
                     rows.append(skipped[position])
@@ -339,7 +343,11 @@ def _describe(
 
 
 def _name(value: Any) -> Any:
-    """A readable name for an option: a class's or function's name, also inside a ``functools.partial``."""
+    """A readable name for an option: a class's or function's name, also inside a ``functools.partial``, or the
+    class of a ``class_path``."""
+    class_path = value.get("class_path") if hasattr(value, "get") else None
+    if isinstance(class_path, str):
+        return class_path.rsplit(".", 1)[-1]
     if isinstance(value, functools.partial):
         classes = [a for a in (value.func, *value.args) if isinstance(a, type)]
         if classes:
@@ -364,8 +372,11 @@ def write_evaluation(folder: str | Path, evaluation: Evaluation, description: st
         writer.writerow(COLUMNS)
         writer.writerows([[_cell(row[key]) for key in COLUMNS] for row in evaluation.rows])
     (folder / "evaluation.md").write_text(evaluation_markdown(evaluation, description))
-    if len(evaluation.images):
-        save_pairs(folder / "evaluation.png", evaluation.images, evaluation.truth, rows=evaluation.rows)
+    measured = [row for row in evaluation.rows if row["error"] is None]
+    if len(evaluation.images) and measured:  # the first GRID_TARGETS targets: a picture, not a wall
+        shown = measured[:GRID_TARGETS]
+        n = len(evaluation.images) // len(measured) * len(shown)  # each target's B images
+        save_pairs(folder / "evaluation.png", evaluation.images[:n], evaluation.truth[:n], rows=shown)
     torch.save(
         {"images": evaluation.images, "truth": evaluation.truth, "rows": evaluation.rows},
         folder / "evaluation.pt",
@@ -398,6 +409,9 @@ def evaluation_markdown(evaluation: Evaluation, description: str = "") -> str:
             for row in evaluation.rows
         ]
     lines += [""] + [f"Note: {note}" for note in evaluation.notes]
+    measured = sum(row["error"] is None for row in evaluation.rows)
+    if measured > GRID_TARGETS:
+        lines.append(f"Note: evaluation.png shows the first {GRID_TARGETS} of the {measured} targets")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -411,7 +425,9 @@ def save_pairs(
     """
     images = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
     truth_captions = reconstruction_captions = None
-    if rows is not None:
+    if rows is not None:  # the measured targets', each once per image of its client
+        measured = [row for row in rows if row["error"] is None]
+        rows = [row for row in measured for _ in range(len(images) // max(len(measured), 1))]
         truth_captions = [f"target {row['index']}" for row in rows]
         reconstruction_captions = [
             "failed (NaN)"
@@ -426,85 +442,212 @@ def save_pairs(
     )
 
 
-# --- the command line ------------------------------------------------------------------------------------------
-def add_attack_sections(parser: ArgumentParser, seed_help: str, data_help: str) -> None:
-    """The sections of an ``invert.py fit`` config, for the scripts that run many attacks (evaluate, audit)."""
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML config with the sections below.")
-    parser.add_argument("--seed_everything", type=int | None, default=0, help=seed_help)
-    parser.add_subclass_arguments(VisionData, "data", help=data_help)
-    parser.set_defaults({"data": {"class_path": "lightning_inversion.data.PhotoData"}})
-    parser.add_class_arguments(GradientInversion, "model", skip=set(DECIDED), instantiate=False)
-    parser.add_class_arguments(Client, "client")
-    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, fail_untyped=False)
-    parser.set_defaults({"trainer.max_steps": QUIET_TRAINER["max_steps"]})
-    parser.add_class_arguments(InversionReport, "report", instantiate=False)
+# --- the command line: the CLI's run over the data's clients -----------------------------------------------------
+def attack_targets(
+    cli: InversionCLI, data: VisionData, report: InversionReport, ckpt_path: str | None = None
+) -> Evaluation | None:
+    """Attack each of the data's clients (:meth:`~lightning_inversion.data.VisionData.target_clients`) as a target
+    of the CLI's attack, ``--targets_per_fit`` per fit, and write each target's outputs and the table.
 
+    Each fit gets a fresh attack (:meth:`InversionCLI.attack_on`: the same options and the same victim module, which
+    also computes every client's update) and a Trainer with the CLI's options (:meth:`InversionCLI.
+    trainer_for_targets`); under DDP its (target, restart) slots are split over the processes, and global rank 0
+    writes ``target_NAME/`` (the report), then reads them back into the table, so the table is the same whichever
+    launcher ran the processes. SIGINT/SIGTERM stop the fit after its current step; the report writes its targets'
+    outputs so far (marked interrupted), the targets of finished fits stay in the table, and the process exits with
+    128 + the signal's number.
 
-def build_parser() -> ArgumentParser:
-    """The parser of ``evaluate.py``: the sections of an ``invert.py fit`` config."""
-    parser = ArgumentParser(
-        description="Attack every target image of a dataset on its own and tabulate PSNR, SSIM, LPIPS, label "
-        "accuracy and time (the paper's evaluation protocol).",
-        default_env=False,
-    )
-    add_attack_sections(
-        parser,
-        "Seed of the global random generators (an untrained victim's weights), as in invert.py.",
-        "The dataset the targets come from.",
-    )
-    parser.add_argument(
-        "--targets_per_fit",
-        type=PositiveInt,
-        default=8,
-        help="How many targets one fit attacks at once (batched like restarts); results are written after each fit.",
-    )
-    return parser
+    Returns:
+        the evaluation (on global rank 0; ``None`` on the other processes).
 
+    Raises:
+        InputError: ``--update`` or ``--ckpt_path`` (an attack on several targets is not continued), or no folder
+            to write to.
+    """
+    from .cli import StopOnSignal, _client_update
 
-def _changed(values: Namespace, defaults: Namespace) -> dict[str, Any]:
-    """The entries of a parsed group that differ from the parser's defaults."""
-    values, defaults = values.as_dict(), defaults.as_dict()
-    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
-
-
-def main(args: list[str] | None = None) -> Evaluation:
-    """Run ``evaluate.py`` (``args=None`` reads ``sys.argv``)."""
-    parser = build_parser()
-    config = parser.parse_args(args)
-    defaults = parser.get_defaults()
-    if config.seed_everything is not None:  # an untrained victim's weights come from the global generator
-        pl.seed_everything(config.seed_everything, verbose=False)
-    # Instantiates the data, the client and class paths inside the groups (optimizer, callbacks).
-    init = parser.instantiate(config)
-    # Only what the config changes reaches the attack and the Trainer, over their own (quiet) defaults.
-    attack = {key: init.model[key] for key in _changed(config.model, defaults.model)}
-    attack.pop("victim", None)
-    trainer_kwargs = {key: init.trainer[key] for key in _changed(config.trainer, defaults.trainer)}
-    trainer_kwargs["max_steps"] = config.trainer.max_steps
-    output_dir = config.report.output_dir or "outputs/evaluation"
-    try:
-        check_writable(output_dir, "--report.output_dir")
-    except OutputFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if args is not None:  # called from Python: let the caller see the exception
-            raise
-        sys.exit(2)
-    # SIGINT/SIGTERM stop the target being attacked after its current step; the finished targets are on disk.
+    config = cli.config_init[cli.subcommand]
+    template: GradientInversion = cli.model
+    clients = data.target_clients()
+    if config.get("update"):
+        raise InputError(
+            f"--update is one client's update, but the data deals its images to {len(clients)} clients "
+            "(data.images_per_client): attack it with invert.py fit and data.images_per_client unset"
+        )
+    if ckpt_path is not None:
+        raise InputError(
+            f"--ckpt_path continues an attack on one target, not a run over {len(clients)} targets (whose "
+            "finished targets stay in their folders): start the run again without --ckpt_path"
+        )
+    folder = report.output_folder(cli.trainer)
+    if folder is None:
+        raise InputError(
+            f"an attack on {len(clients)} targets writes each target's outputs and a table: give "
+            "--report.output_dir (or a --trainer.logger)"
+        )
+    per_fit = int(config["targets_per_fit"])
+    description = _describe_cli(cli, data, template)
+    metric_note = []
+    if report.lpips:
+        reason = LPIPSMetric().reason
+        metric_note = [reason] if reason else []
+    rows: list[dict[str, Any]] = []
+    images: list[Tensor] = []
+    truths: list[Tensor] = []
+    first, rank_zero = True, True
     with StopOnSignal() as stop:
-        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), stop]
-        try:
-            evaluation = evaluate_targets(
-                init.data,
-                config.model.victim,
-                attack_options=attack,
-                client=init.client,
-                trainer_kwargs=trainer_kwargs,
-                output_dir=output_dir,
-                lpips=config.report.lpips,
-                targets_per_fit=config.targets_per_fit,
-            )
-        except (SIGTERMException, KeyboardInterrupt):  # a KeyboardInterrupt comes between two targets
-            log.error("interrupted: the targets that finished are in %s", Path(output_dir).resolve())
-            raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
-    log.info("wrote %s", Path(output_dir).resolve())
+        for start in range(0, len(clients), per_fit):
+            chunk, readable, skipped = clients[start : start + per_fit], [], {}
+            for position, indices in enumerate(chunk):
+                try:
+                    readable.append((indices, *data.client_batch(indices)))
+                except UNREADABLE as error:  # this target only: the others are still worth their time
+                    skipped[position] = _skipped(_joined(indices), error)
+                    log.error("target %s skipped: %s", target_name(indices), skipped[position]["error"])
+            measured = iter([])
+            if readable:
+                reuse = first and start == 0 and len(readable) == template.targets
+                module = template if reuse else cli.attack_on(len(readable), start)
+                device = next(module.victim.parameters()).device
+                updates = [
+                    _client_update(module.client, module, data, x.to(device), y.to(device))
+                    for _, x, y in readable
+                ]
+                module.set_targets(updates)
+                names = [target_name(indices) for indices, _, _ in readable]
+                truth = [(denormalize(x, data.mean, data.std).clamp(0, 1), y) for _, x, y in readable]
+                report.set_targets(names, truth)
+                trainer = cli.trainer_for_targets(first)
+                first = False
+                trainer.callbacks.append(stop)
+                try:
+                    trainer.fit(module)  # the attack sees the updates only, not the data
+                except SIGTERMException:  # the report has written this fit's targets so far
+                    log.error(
+                        "interrupted: the targets of the finished fits are in %s", Path(folder).resolve()
+                    )
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None
+                rank_zero = trainer.is_global_zero
+                if rank_zero:
+                    measured = iter(
+                        _read_target(folder, indices, y, pixels, len(readable))
+                        for (indices, _, y), (pixels, _) in zip(readable, truth, strict=True)
+                    )
+            if not rank_zero:
+                continue
+            for position in range(len(chunk)):  # in the order of the targets
+                if position in skipped:
+                    rows.append(skipped[position])
+                    continue
+                row, image, pixels = next(measured)
+                rows.append(row)
+                images.append(image)
+                truths.append(pixels)
+                log.info(
+                    "target %d/%d (%s): PSNR %s dB, SSIM %s",
+                    len(rows), len(clients), row["index"], _fixed(row["psnr"], 2), _fixed(row["ssim"], 3),
+                )  # fmt: skip
+            done = start + len(chunk)
+            notes = list(metric_note)
+            if done < len(clients):  # what is done so far survives a stop
+                notes.append(
+                    f"{len(clients) - done} of {len(clients)} targets still to run when this was written"
+                )
+            evaluation = _collect(rows, images, truths, notes)
+            write_evaluation(folder, evaluation, description)
+    if not rank_zero:
+        return None
+    log.info("wrote %s", Path(folder).resolve())
     return evaluation
+
+
+def target_name(indices: Sequence[int]) -> str:
+    """A target's name: the indices of its images in the target split, joined by ``+`` (its folder
+    ``target_NAME``)."""
+    return "+".join(str(int(i)) for i in indices)
+
+
+def _read_target(
+    folder: Path, indices: list[int], labels: Tensor, truth: Tensor, targets_in_fit: int
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """One target's row, reconstruction (in the ground truth's order) and ground truth, from the files the report
+    wrote in ``folder/target_NAME``."""
+    where = Path(folder) / f"target_{target_name(indices)}"
+    metrics = json.loads((where / "metrics.json").read_text())
+    for key, value in (metrics.pop("not_finite", None) or {}).items():
+        if key in metrics:  # a top-level number that is not finite (PSNR inf: identical images)
+            metrics[key] = float(value)
+    image = torch.load(where / "reconstruction.pt", map_location="cpu", weights_only=True)["images"].float()
+    if len(image) > 1 and not torch.isnan(image).any():
+        image = image[match_to_truth(image, truth)]
+    stats = metrics.get("attack", {})
+    model = metrics.get("threat_model") or {}
+    seconds = stats.get("seconds")
+    row = {
+        "index": _joined(indices),
+        "label": _joined(labels.tolist()),
+        "psnr": metrics.get("psnr"),
+        "ssim": metrics.get("ssim"),
+        "lpips": metrics.get("lpips"),
+        "mse": metrics.get("mse"),
+        "feature_mse": metrics.get("feature_mse"),
+        "label_accuracy": metrics.get("label_accuracy"),
+        "seconds": None if seconds is None else seconds / targets_in_fit,  # the fit's time, shared
+        "chosen_restart": stats.get("chosen_restart"),
+        **{key: model.get(key) for key in THREAT_MODEL_COLUMNS},
+        "error": None,
+    }
+    return row, image, truth
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    """A number with ``digits`` decimals, or ``n/a`` (a failed reconstruction)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _joined(values: Sequence[int]) -> int | str:
+    """One index (or label) as itself, several joined by ``+``."""
+    return int(values[0]) if len(values) == 1 else "+".join(str(int(v)) for v in values)
+
+
+def _describe_cli(cli: InversionCLI, data: VisionData, model: GradientInversion) -> str:
+    """The line above the table: victim, data, steps, client and the attack options the run changed."""
+    config = cli.config[cli.subcommand]
+    defaults = cli._parser(cli.subcommand).get_defaults().model
+    options = config.model
+    victim = options.get("victim_checkpoint")
+    victim = f"checkpoint {victim}" if victim else _name(options.get("victim"))
+    parts = [f"victim {victim}", f"data {type(data).__name__} {tuple(data.image_shape)}"]
+    parts.append(f"{config.trainer.get('max_steps')} steps")
+    if config.trainer.get("precision") is not None:
+        parts.append(f"precision {config.trainer.precision}")
+    parts.append(f"client {model.client.protocol}")
+    skip = {
+        "victim",
+        "victim_checkpoint",
+        "num_classes",
+        "image_shape",
+        "mean",
+        "std",
+        "num_images",
+        "targets",
+    }
+    for key, value in sorted(vars(options).items()):
+        if key not in skip and value != defaults.get(key):
+            parts.append(f"{key} {_name(value)}")
+    return ", ".join(parts)
+
+
+def main(args: list[str] | None = None) -> Evaluation | None:
+    """Run ``evaluate.py`` (``args=None`` reads ``sys.argv``): ``invert.py fit`` with each chosen image its own
+    client unless ``data.images_per_client`` says otherwise, outputs in ``outputs/evaluation`` unless
+    ``report.output_dir`` says otherwise, no logger and no checkpoints by default."""
+    from .cli import main as cli_main
+
+    if args is None:  # the command line: read as invert.py fit's (and so re-run by Lightning's DDP launcher)
+        if sys.argv[1:2] != ["fit"]:
+            sys.argv.insert(1, "fit")
+        cli = cli_main(None, evaluation=True)
+    else:
+        cli = cli_main(args if args[:1] == ["fit"] else ["fit", *args], evaluation=True)
+    return None if cli is None else cli.evaluation_result

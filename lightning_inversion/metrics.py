@@ -31,12 +31,23 @@ def psnr(images: Tensor, truth: Tensor) -> Tensor:
     )
 
 
+def flat_psnr(truth: Tensor) -> Tensor:
+    """PSNR of a flat image of each image's own mean colour, ``(B, C, H, W)`` in [0, 1] -> ``(B,)``: what a
+    reconstruction that recovers the colours and nothing else scores (a floor to read PSNR against)."""
+    return psnr(truth.mean((-2, -1), keepdim=True).expand_as(truth), truth)
+
+
 def ssim(images: Tensor, truth: Tensor) -> Tensor:
     """SSIM per image, ``(B, C, H, W)`` pairs in [0, 1] -> ``(B,)`` (Gaussian window, shrunk for small images)."""
     side = min(images.shape[-2:])
-    kernel = 11 if side >= 11 else max(3, side - 1 - (side % 2 == 0))
+    kernel = max(3, min(11, side if side % 2 else side - 1))  # odd, as the Gaussian window must be
     return structural_similarity_index_measure(
-        images.clamp(0, 1), truth.clamp(0, 1), data_range=1.0, reduction="none", kernel_size=kernel
+        images.clamp(0, 1),
+        truth.clamp(0, 1),
+        data_range=1.0,
+        reduction="none",
+        kernel_size=kernel,
+        sigma=1.5 * kernel / 11,  # the window's reach follows sigma: the standard 1.5 at the standard 11
     )
 
 

@@ -19,6 +19,8 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
+from .errors import InputError
+
 Cost = Literal["sim", "l2", "l1", "max", "simlocal"]
 LayerSelection = Literal["all", "first", "last", "topk", "list"]
 LayerWeighting = Literal["equal", "linear", "exp"]
@@ -289,6 +291,20 @@ class MatchingObjective:
             ValueError: a layer selection that does not fit the target.
         """
         return GradientMatching(target, self.cost, self.layers, self.k, self.indices, self.weighting, flat)
+
+    def bind_targets(self, targets: Sequence[Sequence[Tensor]], flat: bool = False) -> list[GradientMatching]:
+        """The objective against each of several target updates (:meth:`bind`), comparing the same tensors.
+
+        Raises:
+            InputError: a layer selection that does not fit the targets, or selects other tensors for each.
+        """
+        try:
+            matchings = [self.bind(target, flat=flat) for target in targets]
+        except ValueError as error:  # a layer selection that does not fit this victim
+            raise InputError(f"objective layers {self.layers!r}: {error}") from None
+        if any(m.indices != matchings[0].indices for m in matchings):
+            raise InputError(f"objective layers {self.layers!r} compare other tensors for each target")
+        return matchings
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

@@ -104,6 +104,35 @@ class TotalVariation(ImagePrior):
         return f"TotalVariation(weight={self.weight})"
 
 
+def attack_priors(tv: float, priors: list[ImagePrior] | None) -> list[ImagePrior]:
+    """The attack's priors: a :class:`TotalVariation` of weight ``tv`` first (none if 0), then ``priors``.
+
+    Raises:
+        InputError: total variation given twice (``tv`` > 0 and a ``TotalVariation`` in ``priors``).
+    """
+    priors = list(priors or [])
+    if tv > 0 and any(isinstance(p, TotalVariation) for p in priors):
+        raise InputError("total variation is given twice: set tv 0 or drop the TotalVariation prior")
+    return ([TotalVariation(tv)] if tv > 0 else []) + priors
+
+
+def prepare_priors(priors: list[ImagePrior], victim: nn.Module, update: Update, targets: int = 1) -> None:
+    """Prepare each prior (:meth:`ImagePrior.prepare`) with the victim and the (first) target update.
+
+    Raises:
+        InputError: with several targets, a prior that reads the target update (it would read the first only).
+    """
+    for prior in priors:
+        if targets > 1 and type(prior).prepare is not ImagePrior.prepare:
+            raise InputError(f"the prior {type(prior).__name__} reads the target update: use targets 1")
+        prior.prepare(victim, update)
+
+
+def prior_sum(priors: list[ImagePrior], images: Tensor, seen: dict[str, Any]) -> Tensor:
+    """The weighted sum of ``priors`` over ``(r, B, C, H, W)`` images, ``(r,)`` (zeros without priors)."""
+    return sum((p(images, seen) for p in priors), torch.zeros(len(images), device=images.device))
+
+
 def _batchnorm_layers(victim: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     return [(n, m) for n, m in victim.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

@@ -246,11 +246,30 @@ class InversionReport(pl.Callback):
         self._pending: list[tuple[int, Tensor]] = []  # (step, best cost) still on the device
         self._folder: Path | None = None
         self._folder_known = False
+        # An attack on several targets (set_targets): each one's name and ground truth (pixels, labels).
+        self.target_names: list[str] | None = None
+        self.target_truths: list[tuple[Tensor, Tensor]] = []
+        self.target_metrics: list[dict] = []
 
     def set_ground_truth(self, images: Tensor | None, labels: Tensor | None = None) -> None:
         """The client's private images in [0, 1] ``(B, C, H, W)`` and labels ``(B,)``, for measuring only."""
         self.truth = None if images is None else images.detach().float().cpu()
         self.truth_labels = None if labels is None else labels.detach().cpu()
+
+    def set_targets(self, names: list[str], truths: list[tuple[Tensor, Tensor]]) -> None:
+        """The targets of an attack on several (``targets`` T > 1, or an evaluation), for measuring only.
+
+        Each target's outputs go to ``target_NAME/`` in the output folder; the live PSNR is the mean over targets.
+
+        Args:
+            names: each target's name (the indices of its images in the target split, joined by ``+``).
+            truths: each target's private images in [0, 1] ``(B, C, H, W)`` and labels ``(B,)``.
+        """
+        self.target_names = list(names)
+        self.target_truths = [(x.detach().float().cpu(), y.detach().cpu()) for x, y in truths]
+        self.truth = torch.cat([x for x, _ in self.target_truths])  # (T·B, C, H, W): the live view's
+        self.truth_labels = torch.cat([y for _, y in self.target_truths])
+        self.target_metrics = []
 
     def setup(self, trainer: pl.Trainer, pl_module: GradientInversion, stage: str) -> None:
         # trainer.log_dir is a collective under DDP: every process asks once, here, never rank 0 alone later.
@@ -282,12 +301,23 @@ class InversionReport(pl.Callback):
             self._snapshot(trainer, images, step)
 
     def _best_images(self, pl_module: GradientInversion) -> Tensor:
-        """The images of the restart with the lowest latest cost, in the ground truth's order: ``(B, C, H, W)``."""
-        best = int(torch.nan_to_num(pl_module.last_cost, nan=math.inf).argmin())
-        images = dummy_images_as_pixels(pl_module, [best])[0].cpu()
-        if self.truth is not None and len(images) > 1:
-            images = images[match_to_truth(images, self.truth)]
-        return images
+        """The images of the restart with the lowest latest cost, in the ground truth's order: ``(B, C, H, W)``;
+        of several targets each one's best restart (among this process's), ``(T·B, C, H, W)``."""
+        costs = torch.nan_to_num(pl_module.last_cost, nan=math.inf)
+        if self.target_names is None:
+            best = int(costs.argmin())
+            images = dummy_images_as_pixels(pl_module, [best])[0].cpu()
+            if self.truth is not None and len(images) > 1:
+                images = images[match_to_truth(images, self.truth)]
+            return images
+        r = pl_module.restarts
+        best = (costs.view(-1, r).argmin(1).cpu() + torch.arange(len(costs) // r) * r).tolist()
+        images = dummy_images_as_pixels(pl_module, best).cpu()  # (T, B, C, H, W)
+        ordered = [
+            x[match_to_truth(x, truth)] if len(x) > 1 else x
+            for x, (truth, _) in zip(images, self.target_truths, strict=True)
+        ]
+        return torch.cat(ordered)
 
     def _snapshot_destination(self, trainer: pl.Trainer) -> TensorBoardLogger | Path | None:
         """A TensorBoard logger, else the ``snapshots`` folder of the outputs, else nowhere (``None``)."""
@@ -339,7 +369,7 @@ class InversionReport(pl.Callback):
         # Between two steps, so the state is that of a step's end: the checkpoint first (nothing below touches
         # the images or the random generators, but the result is built after it all the same).
         checkpoints = save_last_checkpoint(trainer)
-        pl_module.on_train_end()  # the time so far and the result of the best restarts so far
+        pl_module.finish(sync=True)  # the time so far and the result of the best restarts so far
         self._finish(trainer, pl_module, interrupted=True, checkpoints=checkpoints)
 
     def _finish(
@@ -352,6 +382,9 @@ class InversionReport(pl.Callback):
         folder = self._folder if self._folder_known else self.output_folder(trainer)
         self._folder_known = False
         if not trainer.is_global_zero:
+            return
+        if self.target_names is not None:
+            self._finish_targets(trainer, pl_module, folder, interrupted, checkpoints)
             return
         result = pl_module.reconstruction
         if result is None:  # no optimisation step ran (max_steps 0, e.g. a closed-form recovery)
@@ -376,8 +409,62 @@ class InversionReport(pl.Callback):
                 "continue with --ckpt_path last"
             )
 
-    def measure(self, result: Reconstruction, pl_module: GradientInversion) -> dict:
-        """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth."""
+    def _finish_targets(
+        self,
+        trainer: pl.Trainer,
+        pl_module: GradientInversion,
+        folder: Path | None,
+        interrupted: bool,
+        checkpoints: list[Path] | None,
+    ) -> None:
+        """The outputs of an attack on several targets: ``target_NAME/`` with each one's files."""
+        results = pl_module.reconstructions
+        if results is None:
+            results = pl_module.reconstructions = pl_module.reconstruct_results()
+        self._flush()
+        self.target_metrics = []
+        updates = pl_module.updates or [pl_module.update] * len(results)
+        metric = LPIPSMetric() if self.lpips else None  # loaded once for all the targets
+        for name, (truth, labels), update, result in zip(
+            self.target_names, self.target_truths, updates, results, strict=True
+        ):
+            metrics = self.measure(result, pl_module, truth, labels, update, metric)
+            metrics["target"] = {"name": name, "targets_in_fit": len(results)}
+            metrics["interrupted"] = interrupted
+            if interrupted:
+                metrics["interrupted_at_step"] = trainer.global_step
+                metrics["max_steps"] = trainer.max_steps
+                metrics["checkpoints"] = [str(path) for path in checkpoints or []]
+            self.target_metrics.append(metrics)
+            if folder is not None:
+                self.write(folder / f"target_{name}", result, truth, metrics, progress=False)
+        self.metrics, self.directory = None, folder
+        psnrs = [m["psnr"] for m in self.target_metrics if m.get("psnr") is not None]
+        count = f"{len(results)} target{'s' if len(results) > 1 else ''}"
+        line = f"Reconstructed {count} of {tuple(results[0].images.shape)} in {results[0].steps} steps, "
+        line += f"{results[0].seconds:.1f} s"
+        if psnrs:
+            line += f"; mean PSNR {sum(psnrs) / len(psnrs):.2f} dB"
+        if folder is not None:
+            line += f"; outputs in {folder}/target_*"
+        rank_zero_info(line)
+
+    def measure(
+        self,
+        result: Reconstruction,
+        pl_module: GradientInversion,
+        truth: Tensor | None = None,
+        truth_labels: Tensor | None = None,
+        update=None,
+        lpips_metric: LPIPSMetric | None = None,
+    ) -> dict:
+        """Everything ``metrics.json`` holds: scores, steps and seconds, and metrics against ground truth.
+
+        ``truth``, ``truth_labels``, ``update``: one target's of several (default: the report's, the module's);
+        ``lpips_metric``: LPIPS already loaded (default: loaded here when ``lpips``).
+        """
+        if truth is None:
+            truth, truth_labels = self.truth, self.truth_labels
         stats = result.stats()
         # What the attacker assumed comes first: numbers are comparable only under the same threat model.
         metrics: dict = {
@@ -385,25 +472,25 @@ class InversionReport(pl.Callback):
             "attack": stats,
             "labels": result.labels.tolist(),
         }
-        update = getattr(pl_module, "update", None)
+        update = update if update is not None else getattr(pl_module, "update", None)
         if update is not None and update.meta.get("defenses"):  # the client's defenses and the ε they spend
             metrics["defenses"] = list(update.meta["defenses"])
             if update.meta.get("privacy") is not None:
                 metrics["privacy"] = dict(update.meta["privacy"])
-        if self.truth is not None and not torch.isnan(result.images).any():
+        if truth is not None and not torch.isnan(result.images).any():
             metrics.update(
                 evaluate(
                     result.images,
-                    self.truth,
+                    truth,
                     result.labels,
-                    self.truth_labels,
+                    truth_labels,
                     victim=pl_module.victim,
                     mean=pl_module.mean,
                     std=pl_module.std,
-                    lpips=LPIPSMetric() if self.lpips else None,
+                    lpips=lpips_metric or (LPIPSMetric() if self.lpips else None),
                 )
             )
-        if self.truth is not None and pl_module.analytic_features is not None:
+        if truth is not None and self.target_names is None and pl_module.analytic_features is not None:
             metrics["analytic_feature_error"] = self._feature_error(pl_module)
         return metrics
 
@@ -420,7 +507,17 @@ class InversionReport(pl.Callback):
         true = seen[0].flatten().cpu()
         return float((pl_module.analytic_features.flatten().cpu() - true).abs().max())
 
-    def write(self, folder: Path, result: Reconstruction) -> None:
+    def write(
+        self,
+        folder: Path,
+        result: Reconstruction,
+        truth: Tensor | None = None,
+        metrics: dict | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Write the outputs of one target (``truth``, ``metrics``: one of several; default: the run's)."""
+        truth = self.truth if truth is None else truth
+        metrics = self.metrics if metrics is None else metrics
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
@@ -436,16 +533,14 @@ class InversionReport(pl.Callback):
             save_comparison(
                 folder / "reconstruction.png",
                 result.images,
-                self.truth,
+                truth,
                 restarts,
                 result.scores,
                 result.chosen_restart,
             )
-        if self.history[
-            "step"
-        ]:  # no plot of a run without optimisation (max_steps 0, a closed-form recovery)
+        if progress and self.history["step"]:  # no plot of a run without optimisation (max_steps 0)
             plot_progress(folder / "progress.png", self.history)
-        (folder / "metrics.json").write_text(metrics_json(self.metrics))
+        (folder / "metrics.json").write_text(metrics_json(metrics))
         self.directory = folder
 
     def _summarize(self, result: Reconstruction, folder: Path | None) -> None:

@@ -3,7 +3,17 @@
 Restarts are a leading batch axis of the dummy images, ``(R, B, C, H, W)``. Restart r starts from images drawn with
 seed ``seed + r``, as R separate runs with seeds seed, seed+1, … do. Under several processes each optimises a slice
 of the restarts (:func:`local_restarts`). At the end, without ground truth, a :class:`RestartSelection` scores the
-restarts and chooses (or combines) the result, a :class:`Reconstruction`. Nothing here imports Lightning.
+restarts and chooses (or combines) the result, a :class:`Reconstruction`. With several targets the slots are
+``(target, restart)`` pairs, target-major (slot ``t·R + r``): each slot is matched against its own target's update
+(:func:`slot_costs`) and each target's restarts are chosen among themselves (:func:`target_reconstructions`).
+Nothing here imports Lightning.
+
+Under several processes (DDP, any number of nodes) every process holds all slots but puts only its slice
+(:func:`local_restarts`) into the loss, scaled by the world size, so DDP's gradient average hands each slice the
+gradient of the one process that computed it and the restarts stay independent; the scores are summed over the
+processes and the best restart is chosen over all of them. Each process runs the victim on its slice at once, which
+rounds differently from one process running all of them (see below): the images equal a one-device run's over the
+first steps and drift apart after that, with the same quality in distribution.
 
 Batched restarts: restart r starts from the images of a separate run with seed ``seed + r`` and follows the same
 update rule, but the victim's passes over R restarts at once (``torch.func.vmap``) round differently from passes
@@ -27,7 +37,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from .client import Client, _has_batchnorm
-from .priors import total_variation
+from .images import denormalize
+from .objectives import GradientMatching
+from .priors import ImagePrior, prior_sum, total_variation
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +145,78 @@ def batched_client_pass(
 def local_restarts(restarts: int, world: int, rank: int) -> Tensor:
     """The restarts process ``rank`` of ``world`` optimises: contiguous slices, as even as possible."""
     return torch.arange(restarts).tensor_split(world)[rank]
+
+
+def slot_labels(idx: Tensor, target_labels: Tensor, dummy_labels: Tensor | None, restarts: int) -> Tensor:
+    """The labels of some slots ``idx``: their soft-label logits ``(r, B, K)`` when the labels are optimised, else
+    the hard labels, ``(B,)`` shared by the restarts of one target, or from ``(T, B)`` each slot's target's
+    ``(r, B)``."""
+    if dummy_labels is not None:
+        return dummy_labels[idx]
+    if target_labels.dim() == 1:
+        return target_labels
+    return target_labels[idx.to(target_labels.device) // restarts]
+
+
+def split_tree(tree, sizes: list[int]) -> list:
+    """A tree (tensors in nested tuples, lists and dicts) with a leading axis, split into ``len(sizes)`` trees
+    along it, the i-th with ``sizes[i]`` rows of every tensor."""
+    if isinstance(tree, Tensor):
+        return list(tree.split(sizes))
+    if isinstance(tree, tuple | list):
+        return [type(tree)(parts) for parts in zip(*(split_tree(t, sizes) for t in tree), strict=True)]
+    if isinstance(tree, dict):
+        keys, values = list(tree), [split_tree(v, sizes) for v in tree.values()]
+        return (
+            [dict(zip(keys, parts, strict=True)) for parts in zip(*values, strict=True)]
+            if keys
+            else [{} for _ in sizes]
+        )
+    raise TypeError(f"cannot split {type(tree).__name__}")
+
+
+def slot_costs(
+    matchings: list[GradientMatching],
+    priors: list[ImagePrior],
+    restarts: int,
+    dummy: list[Tensor],
+    images: Tensor,
+    seen: dict,
+    slots: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Each slot's matching cost against its own target's update, and its priors' weighted sum, both ``(r,)``.
+
+    Args:
+        matchings: the objective bound to each target's update (one for one target).
+        priors: the image priors.
+        restarts: R, the restarts of each target.
+        dummy: the dummy update of the slots, one ``(r, *shape)`` tensor per compared victim parameter.
+        images: the slots' dummy images ``(r, B, C, H, W)``.
+        seen: what the client's pass saw for the priors, with the leading ``r`` axis.
+        slots: the slots of ``images`` (on the CPU, ascending; all when ``None``); with several targets each
+            target's slots get its objective, and priors over its restarts only.
+    """
+    if len(matchings) == 1:
+        return matchings[0](dummy), prior_sum(priors, images, seen)
+    owners = (torch.arange(len(images)) if slots is None else slots) // restarts
+    targets, counts = torch.unique_consecutive(owners, return_counts=True)
+    split = counts.tolist()
+    parts = zip(
+        targets.tolist(),
+        zip(*(g.split(split) for g in dummy), strict=True),
+        images.split(split),
+        split_tree(seen, split),
+        strict=True,
+    )
+    costs, penalties = zip(
+        *[(matchings[t](list(d)), prior_sum(priors, x, s)) for t, d, x, s in parts], strict=True
+    )
+    return torch.cat(costs), torch.cat(penalties)
+
+
+def as_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Dummy images of the victim's normalised input space as pixels: de-normalised, clamped to [0, 1], fp32."""
+    return denormalize(images.detach().float(), mean, std).clamp(0, 1)
 
 
 class RestartSelection:
@@ -321,3 +405,40 @@ def reconstruction(
         steps=max(per_restart, default=0),
         seconds=round(seconds, 3),
     )
+
+
+def target_reconstructions(
+    selection: RestartSelection,
+    pixels: Tensor,
+    scores: Tensor,
+    steps: Tensor,
+    labels: Tensor,
+    labels_from: list[str],
+    seconds: float,
+    threat_models: list[dict] | None = None,
+) -> list[Reconstruction]:
+    """One :class:`Reconstruction` per target, each chosen among that target's own restarts.
+
+    Args:
+        selection: how the images are chosen.
+        pixels: every slot's images in [0, 1], ``(T·R, B, C, H, W)``, target-major.
+        scores: the slots' scores from :func:`valid_scores`, ``(T·R,)``.
+        steps: the steps each slot ran, ``(T·R,)``.
+        labels: the hard labels, ``(B,)`` for one target or ``(T, B)``, or the slots' soft-label logits
+            ``(T·R, B, K)``.
+        labels_from: the label strategy that applied to each target (T names).
+        seconds: the attack's wall time.
+        threat_models: what the attack assumed of each target.
+    """
+    targets = len(labels_from)
+    r = len(pixels) // targets
+    results = []
+    for t in range(targets):
+        own = slice(t * r, (t + 1) * r)
+        own_labels = labels[own] if labels.dim() == 3 else labels if labels.dim() == 1 else labels[t]
+        result = reconstruction(
+            selection, pixels[own], scores[own], steps[own], own_labels, labels_from[t], seconds
+        )
+        result.threat_model = threat_models[t] if threat_models is not None else None
+        results.append(result)
+    return results

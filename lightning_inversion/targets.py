@@ -2,7 +2,8 @@
 
 :func:`attack_victim` builds the victim the server shares (by name, from a file of weights, or from a checkpoint of
 ``train_victim.py``) and refuses one that cannot classify the data's images; :func:`check_target` refuses an
-update that does not fit the victim and the client's protocol. Nothing here imports Lightning.
+update that does not fit the victim and the client's protocol; :func:`check_targets` checks each of an attack's
+target updates and recovers their labels. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from .client import Client, Update, update_problem
 from .errors import InputError
+from .labels import LabelStrategy
 
 
 class TargetMismatchError(InputError):
@@ -158,3 +160,35 @@ def check_target(
         raise TargetMismatchError(
             f"labels {update.labels.tolist()} are out of range for the victim's {num_classes} classes"
         )
+
+
+def check_targets(
+    updates: list[Update],
+    targets: int,
+    victim: nn.Module,
+    client: Client,
+    label_strategy: LabelStrategy,
+    num_images: int,
+    num_classes: int,
+) -> list[Tensor | None]:
+    """Check the ``targets`` updates of an attack (:func:`check_target`) and recover each one's labels.
+
+    Returns:
+        each target's labels ``(B,)`` as its label strategy (``auto`` resolved against it) gives them, or
+        ``None`` where the strategy gives none (soft labels, optimised with the images).
+
+    Raises:
+        TargetMismatchError: another number of updates than ``targets``, an update that does not fit, or one whose
+            labels cannot be recovered.
+    """
+    if len(updates) != targets:
+        raise TargetMismatchError(f"{len(updates)} target updates for an attack on targets={targets}")
+    labels = []
+    for update in updates:
+        check_target(update, victim, client, num_images, num_classes)
+        strategy = label_strategy.resolve(update, num_images)
+        try:
+            labels.append(strategy.labels(update, victim, num_images, num_classes))
+        except ValueError as error:
+            raise TargetMismatchError(f"label_strategy {strategy.name!r}: {error}") from None
+    return labels

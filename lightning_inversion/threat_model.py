@@ -69,3 +69,13 @@ def threat_model(
         "num_images_from": "update" if num_images_known else "assumed",
         "client_mode": "train" if train_mode else "eval",
     }
+
+
+def target_threat_model(
+    label_strategy: Any, update: Any, priors: Iterable[Any], num_images: int, train_mode: bool
+) -> dict[str, Any]:
+    """:func:`threat_model` of an attack on one target update (``None``: not known yet): its label strategy
+    resolved against the update, and whether the update said how many images it came from."""
+    labels_from = label_strategy.resolve(update, num_images).name if update is not None else None
+    known = update is not None and update.num_images is not None
+    return threat_model(labels_from, priors, num_images, known, train_mode)

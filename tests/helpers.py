@@ -28,3 +28,19 @@ class Pace(pl.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         time.sleep(self.seconds)
+
+
+class StopInFit(pl.Callback):
+    """Stops the ``fit``-th fit of a run after ``step`` steps as a SIGTERM does (Lightning's ``SIGTERMException``)."""
+
+    def __init__(self, fit: int = 2, step: int = 1) -> None:
+        self.fit, self.step, self.fits = fit, step, 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fits += 1
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if self.fits == self.fit and trainer.global_step >= self.step:
+            raise SIGTERMException

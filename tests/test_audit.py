@@ -7,10 +7,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_inversion.auditing as auditing
 from lightning_inversion.auditing import NO_DEFENSE, main, weakest_stopping
+from lightning_inversion.data import PhotoData
 from lightning_inversion.errors import InputError
+from lightning_inversion.images import denormalize
+from lightning_inversion.metrics import flat_psnr, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/audit_demo.yaml"
@@ -70,6 +74,10 @@ def test_a_sweep_of_2_strengths_x_2_targets_from_the_cli_writes_every_output(tmp
     markdown = (tmp_path / "audit.md").read_text()
     assert "## The weakest strength that stops the attack (mean PSNR < 12 dB)" in markdown
     assert "still to run" not in markdown
+    data = PhotoData(image_size=16)
+    images = torch.stack([torch.as_tensor(data.target_set()[i][0]) for i in (1, 3)])
+    floors = flat_psnr(denormalize(images, data.mean, data.std).clamp(0, 1))
+    assert f"scores {floors[0]:.1f}, {floors[1]:.1f} dB" in markdown  # each target's flat-colour floor
 
     page = _Page()
     text = (tmp_path / "audit.html").read_text()
@@ -157,3 +165,32 @@ def test_the_weakest_stopping_strength_reads_each_defenses_direction():
     assert found["GaussianNoise"]["strength"] == 1e-3
     assert found["Prune"]["strength"] == 10
     assert found["ClipUpdate"] is None
+
+
+def test_the_targets_of_a_setting_are_attacked_in_one_fit_each_on_its_own(tmp_path, monkeypatch):
+    """Both targets go through the target axis of one fit, and each result is its own target's reconstruction."""
+    fits, results = [], []
+    real_fit, real_attack = auditing.pl.Trainer.fit, auditing.attack_targets
+
+    def fit(self, module):
+        fits.append(module.targets)
+        return real_fit(self, module)
+
+    def attack(*args, **kwargs):
+        results.extend(real_attack(*args, **kwargs))
+        return results
+
+    monkeypatch.setattr(auditing.pl.Trainer, "fit", fit)
+    monkeypatch.setattr(auditing, "attack_targets", attack)
+    main([
+        "--config", str(CONFIG), "--data.init_args.image_size=8", "--model.victim=MLP", "--model.tv=0",
+        "--trainer.max_steps=40", "--report.lpips=false", "--audit.sweeps=[]", "--audit.num_clients=[]",
+        "--audit.training=null", f"--report.output_dir={tmp_path}",
+    ])  # fmt: skip
+    assert fits == [2] and len(results) == 2
+    cat, rocket = results
+    assert psnr(cat["image"][None], cat["truth"][None]) > psnr(cat["image"][None], rocket["truth"][None]) + 3
+    assert (
+        psnr(rocket["image"][None], rocket["truth"][None])
+        > psnr(rocket["image"][None], cat["truth"][None]) + 3
+    )

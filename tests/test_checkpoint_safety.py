@@ -161,6 +161,10 @@ def test_options_that_contradict_the_checkpoint_are_refused(attack_run, tmp_path
     # A part given as a class is compared with the checkpoint's record of its parts.
     code, err = run_script(monkeypatch, capsys, [*argv, "--model.objective=L2"])
     assert_refused(code, err, str(ckpt), "objective")
+    # So are the client's defenses (the attacker simulates them): a defense the checkpoint did not attack.
+    prune = "--client.defenses=[{class_path: Prune, init_args: {keep_percent: 10}}]"
+    code, err = run_script(monkeypatch, capsys, [*argv, prune])
+    assert_refused(code, err, str(ckpt), "defenses")
 
     # Left out, an option continues with the checkpoint's value, and config.yaml records that value.
     without_tv = [a for a in argv if not a.startswith("--model.tv")]

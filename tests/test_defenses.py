@@ -330,3 +330,18 @@ def test_dpsgd_refuses_batchnorm_in_training_mode():
     client = Client(train_mode=True, defenses=[DPSGD()])
     with pytest.raises(InputError, match="BatchNorm in training mode"):
         client.update(victim, *_batch())
+
+
+@pytest.mark.parametrize(
+    "defense",
+    [Prune(20.0), Quantize(8), Quantize(1), ClipUpdate(1e-3), GaussianNoise(1e-3), LaplaceNoise(1e-3)],
+    ids=repr,
+)
+def test_the_attackers_side_batches_over_targets(defense):
+    """Targets (and restarts) are a vmap axis of the attacker's simulation: each slot's defended update is the
+    defense of that slot's own update, zero tensors included."""
+    updates = [torch.randn(3, 5, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    updates[2] = torch.zeros(3, 5)
+    batched = torch.func.vmap(lambda t: defense.simulate([t])[0])(torch.stack(updates))
+    for k, t in enumerate(updates):
+        assert torch.equal(batched[k], defense.simulate([t])[0])

@@ -1,6 +1,8 @@
 """Evaluation over many targets: one row per target, a summary that agrees with the rows, a grid, the config."""
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,11 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
+from lightning_inversion import evaluation as evaluation_module
+from lightning_inversion.cli import main as invert
 from lightning_inversion.data import ImageFolderData, PhotoData
 from lightning_inversion.data.photos import center_square, load_photo
+from lightning_inversion.errors import InputError
 from lightning_inversion.evaluation import COLUMNS, evaluate_targets, main
 from lightning_inversion.report import OutputFolderError
 from tests.helpers import TinyConvNet
@@ -196,29 +201,245 @@ def test_a_victim_checkpoint_is_the_victim_of_the_clients_and_of_the_attack(tmp_
         assert torch.equal(clients[0].state_dict()[name], value), name
 
 
+# --- the CLI over the data's clients (invert.py fit and evaluate.py) --------------------------------------------
+SMALL = [
+    "--data.init_args.image_size=16",
+    "--model.victim=ConvNet-8",
+    "--model.tv=1e-4",
+    "--trainer.max_steps=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.logger=false",
+    "--report.lpips=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Runs every test in its own folder: a run without a logger writes config.yaml into the working one."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_invert_attacks_every_client_in_fits_and_writes_the_table_after_each(tmp_path, monkeypatch):
+    """``invert.py fit`` over a folder of 4 images, each its own client, 2 targets per fit, one image unreadable:
+    each target's folder, and the table on disk after each fit with the targets done so far."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["astronaut", "chelsea", None, "coffee"]):
+        if name is None:
+            (photos / f"{i}.png").write_bytes(b"not an image")  # the third target cannot be read
+        else:
+            save_image(center_square(load_photo(name), 16), photos / f"{i}.png")
+    written, write = [], evaluation_module.write_evaluation
+    monkeypatch.setattr(
+        evaluation_module,
+        "write_evaluation",
+        lambda folder, evaluation, description="": written.append(
+            ([r["index"] for r in read_rows(folder)] if (folder / "evaluation.csv").is_file() else None,
+             [r["index"] for r in evaluation.rows], list(evaluation.notes))
+        ) or write(folder, evaluation, description),
+    )  # fmt: skip
+    out = tmp_path / "out"
+    cli = invert(
+        [
+            "fit",
+            *SMALL,
+            "--data=lightning_inversion.data.ImageFolderData",
+            f"--data.init_args.root={photos}",
+            "--data.init_args.labels=[0, 1, 2, 3]",
+            "--data.init_args.num_classes=4",
+            "--data.init_args.image_size=16",
+            "--data.init_args.images_per_client=1",
+            "--targets_per_fit=2",
+            "--trainer.enable_checkpointing=false",
+            f"--report.output_dir={out}",
+        ]
+    )
+    # After the first fit: targets 0 and 1, and a note that two are still to run; then all four (none before).
+    assert [(before, rows) for before, rows, _ in written] == [(None, [0, 1]), (["0", "1"], [0, 1, 2, 3])]
+    assert "2 of 4 targets still to run when this was written" in written[0][2]
+    assert not any("still to run" in note for note in written[1][2])
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3"]
+    assert rows[2]["psnr"] == "" and "cannot read image" in rows[2]["error"]
+    for i in (0, 1, 3):
+        metrics = json.loads((out / f"target_{i}" / "metrics.json").read_text())
+        assert metrics["threat_model"]["labels"] == "given" and metrics["target"]["name"] == str(i)
+        assert float(rows[i]["psnr"]) == pytest.approx(metrics["psnr"], rel=1e-5)
+        assert metrics["labels"] == [i] and (out / f"target_{i}" / "reconstruction.png").is_file()
+    assert not (out / "target_2").exists() and not (out / "progress.png").exists()
+    assert cli.evaluation_result.images.shape == (3, 3, 16, 16)
+    with Image.open(out / "evaluation.png") as png:  # three targets: one band of three columns
+        assert 3 * 128 <= png.size[0] < 4 * 160
+
+
+def test_clients_of_several_images_and_one_target_as_before(tmp_path):
+    """4 photos dealt to clients of 2: two targets named by their images; one client (images_per_client unset)
+    writes the outputs of one attack, as always, and no table."""
+    pairs = tmp_path / "pairs"
+    cli = invert(
+        ["fit", "--config", str(CONFIG), *SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]"]
+        + [
+            "--data.init_args.images_per_client=2",
+            f"--report.output_dir={pairs}",
+            "--report.monitor_every_n_steps=1",
+        ]
+        + [f"--trainer.default_root_dir={tmp_path / 'logs_pairs'}"]
+    )
+    rows = read_rows(pairs)
+    assert [r["index"] for r in rows] == ["0+1", "2+3"] and [r["label"] for r in rows] == ["0+1", "2+3"]
+    metrics = json.loads((pairs / "target_2+3" / "metrics.json").read_text())
+    assert metrics["threat_model"]["num_images"] == 2 and len(metrics["per_image"]["psnr"]) == 2
+    assert torch.load(pairs / "target_0+1" / "reconstruction.pt", weights_only=True)["images"].shape[0] == 2
+    # The live PSNR (each target's best restart, matched to its own images) at the last step is the table's mean.
+    report = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InversionReport")
+    assert report.history["psnr_step"] == [1, 2]
+    assert report.history["psnr"][-1] == pytest.approx(cli.evaluation_result.summary["psnr"][0], rel=1e-4)
+
+    one = tmp_path / "one"
+    cli = invert(
+        ["fit", "--config", str(CONFIG), *SMALL, "--data.init_args.target_indices=[0, 1]"]
+        + ["--data.init_args.images_per_client=null", f"--report.output_dir={one}"]
+        + [f"--trainer.default_root_dir={tmp_path / 'logs_one'}"]
+    )
+    assert cli.evaluation_result is None and cli.model.num_images == 2
+    assert {p.name for p in one.iterdir()} == {
+        "metrics.json",
+        "progress.png",
+        "reconstruction.png",
+        "reconstruction.pt",
+    }
+
+
+def test_evaluate_attacks_each_image_on_its_own_with_the_victim_checkpoint(tmp_path, monkeypatch):
+    """``evaluate.py`` is ``invert.py fit`` with each image its own client: the checkpoint's victim computes every
+    client's update and is the victim every fit's attack inverts."""
+    from lightning_inversion.attack import GradientInversion
+    from lightning_inversion.client import Client
+    from lightning_inversion.victims import build_victim
+
+    data = PhotoData(image_size=16)
+    torch.manual_seed(123)
+    trained = build_victim("ConvNet-8", data.num_classes, tuple(data.image_shape))
+    path = tmp_path / "victim.ckpt"
+    hparams = {"victim": "ConvNet-8", "num_classes": data.num_classes, "image_shape": list(data.image_shape)}
+    hparams.update(mean=list(data.mean), std=list(data.std))
+    torch.save(
+        {
+            "state_dict": {f"victim.{k}": v for k, v in trained.state_dict().items()},
+            "hyper_parameters": hparams,
+        },
+        path,
+    )
+    clients, attacks = [], []
+    update, init = Client.update, GradientInversion.set_targets
+    monkeypatch.setattr(
+        Client, "update", lambda self, victim, *a: clients.append(victim) or update(self, victim, *a)
+    )
+    monkeypatch.setattr(
+        GradientInversion, "set_targets", lambda self, u: attacks.append(self.victim) or init(self, u)
+    )
+    evaluation = main(
+        [
+            *SMALL,
+            "--data.init_args.target_indices=[0, 3, 5]",
+            "--targets_per_fit=2",
+            "--model.victim=ConvNet-16",
+        ]
+        + [f"--model.victim_checkpoint={path}", f"--report.output_dir={tmp_path / 'out'}"]
+    )
+    assert [r["index"] for r in evaluation.rows] == [0, 3, 5]
+    assert len(clients) == 3 and len(attacks) == 2  # three clients, two fits
+    assert all(victim is clients[0] for victim in clients + attacks)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(clients[0].state_dict()[name], value), name
+    assert f"victim checkpoint {path}" in (tmp_path / "out" / "evaluation.md").read_text()
+
+
+def test_a_stopped_run_keeps_the_targets_of_its_finished_fits(tmp_path):
+    """SIGTERM in the second of two fits: the table holds the first fit's targets (and says two are still to run),
+    the second fit's targets have their outputs so far, marked interrupted; exit status 143."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        invert(
+            ["fit", "--config", str(CONFIG), *SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]"]
+            + ["--targets_per_fit=2", "--trainer.enable_checkpointing=false", f"--report.output_dir={out}"]
+            + ["--trainer.callbacks+=tests.helpers.StopInFit"]
+        )
+    assert stopped.value.code == 143
+    assert [r["index"] for r in read_rows(out)] == ["0", "1"]
+    assert "Note: 2 of 4 targets still to run when this was written" in (out / "evaluation.md").read_text()
+    done, cut = (json.loads((out / f"target_{i}" / "metrics.json").read_text()) for i in (1, 2))
+    assert done["interrupted"] is False and done["attack"]["steps"] == 2
+    assert cut["interrupted"] is True and cut["interrupted_at_step"] == 1 and cut["attack"]["steps"] == 1
+
+
+def test_the_grid_shows_the_first_targets_and_says_so(tmp_path, monkeypatch):
+    """evaluation.png shows the first GRID_TARGETS targets (64; here 2 of 3), not a wall of thousands."""
+    from lightning_inversion.evaluation import Evaluation, write_evaluation
+
+    monkeypatch.setattr(evaluation_module, "GRID_TARGETS", 2)
+    rows = [{**dict.fromkeys(COLUMNS), "index": i, "psnr": 10.0, "ssim": 0.1} for i in range(3)]
+    summary = dict.fromkeys(["psnr", "ssim", "lpips", "label_accuracy", "seconds"], (1.0, 0.0))
+    write_evaluation(tmp_path, Evaluation(rows, summary, torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)))
+    assert (
+        "Note: evaluation.png shows the first 2 of the 3 targets" in (tmp_path / "evaluation.md").read_text()
+    )
+    with Image.open(tmp_path / "evaluation.png") as png:  # two columns (about 140 pixels each)
+        assert 2 * 128 <= png.size[0] < 3 * 160
+    assert len(torch.load(tmp_path / "evaluation.pt", weights_only=True)["images"]) == 3
+
+
+def test_images_per_client_deals_the_chosen_images_out_and_must_divide_them():
+    data = PhotoData(image_size=16, target_indices=[7, 1, 3, 5], images_per_client=2)
+    assert data.batch_images == 2 and data.num_targets == 2 and data.target_clients() == [[7, 1], [3, 5]]
+    images, labels = data.client_batch([3, 5])
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [3, 5]
+    assert PhotoData(num_images=3).num_targets == 1 and PhotoData(num_images=3).batch_images == 3  # as before
+    with pytest.raises(InputError, match="images_per_client 3 does not divide the 4 chosen images"):
+        assert PhotoData(target_indices=[7, 1, 3, 5], images_per_client=3).num_targets
+
+
+def test_a_run_over_several_targets_is_not_continued_from_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(InputError):
+        invert(
+            ["fit", "--config", str(CONFIG), *SMALL, f"--report.output_dir={tmp_path}", "--ckpt_path=last"]
+        )
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --ckpt_path continues an attack on one target, not a run over 8 targets")
+
+
 @pytest.mark.slow
 def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
-    """4 targets in one fit, their (target, restart) slots split over 2 gloo processes (ddp_spawn), give the table
-    of one process over the first steps."""
-    data, victim = PhotoData(image_size=16), TinyConvNet(num_classes=8).eval()
-    tables = []
-    for devices in (1, 2):
-        spread = {"strategy": "ddp_spawn", "accelerator": "cpu"} if devices == 2 else {}
-        evaluation = evaluate_targets(
-            data,
-            victim,
-            targets=[0, 1, 2, 3],
-            attack_options={"restarts": 2, "tv": 1e-4, "label_strategy": "idlg"},
-            trainer_kwargs={"max_steps": 3, "devices": devices, **spread},
-            output_dir=tmp_path / str(devices),
-            lpips=False,
-            targets_per_fit=4,
-        )
-        tables.append(evaluation)
-    one, two = tables
-    assert [r["index"] for r in two.rows] == [0, 1, 2, 3]
-    # Each process runs the victim on its half of the slots at once, which rounds differently from all of them
-    # at once (see attack.py): a few pixels differ after the first sign steps, not the outcome.
-    for a, b in zip(one.rows, two.rows, strict=True):
-        assert a["psnr"] == pytest.approx(b["psnr"], abs=0.05) and a["chosen_restart"] == b["chosen_restart"]
-    assert (one.images - two.images).abs().mean() < 1e-3
+    """4 targets, their (target, restart) slots split over 2 gloo processes (ddp_spawn, 2 targets per fit), give
+    the table of one process with all 4 in one fit; the same through torchrun and Lightning's DDP."""
+    common = [*SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]", "--model.restarts=2"]
+    common += ["--trainer.max_steps=3", "--trainer.accelerator=cpu"]
+    one = invert(["fit", "--config", str(CONFIG), *common, f"--report.output_dir={tmp_path / 'one'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = {
+        "spawn": [sys.executable, str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp_spawn"],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+        ]
+        + [str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp"],
+    }
+    for name, command in runs.items():
+        command = [*command, "--config", str(CONFIG), *common, "--trainer.devices=2", "--targets_per_fit=2"]
+        out = subprocess.run(
+            [*command, f"--report.output_dir={tmp_path / name}", f"--trainer.default_root_dir={tmp_path / name}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = read_rows(tmp_path / name)
+        assert [r["index"] for r in rows] == ["0", "1", "2", "3"], name
+        # Each process runs the victim on its slots at once, which rounds differently from all of them at once
+        # (see the README): a few pixels may differ after the first sign steps, not the outcome.
+        for a, b in zip(one.evaluation_result.rows, rows, strict=True):
+            assert a["psnr"] == pytest.approx(float(b["psnr"]), abs=0.05), name
+            assert str(a["chosen_restart"]) == b["chosen_restart"], name
+        images = torch.load(tmp_path / name / "evaluation.pt", weights_only=True)["images"]
+        assert (one.evaluation_result.images - images).abs().mean() < 1e-3, name

@@ -1,6 +1,7 @@
 """The attack's parts, each against an independent reference: the objectives, the priors and the slot that hands
 them what the client's forward pass saw, the label strategies and the restart bank."""
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -291,3 +292,186 @@ def test_with_several_targets_priors_see_each_targets_restarts_on_their_own(tiny
         for t in range(2)
     ]
     torch.testing.assert_close(cost, torch.cat(each))
+
+
+# --- the pieces the LightningModule hands over, each on its own -----------------------------------------------
+def test_attack_options_are_refused_by_name():
+    from lightning_inversion.errors import InputError
+    from lightning_inversion.parts import check_number, check_options, check_whole, part
+
+    good = dict(
+        restarts=1, num_images=1, num_classes=2, median_filter_every=0, lr=0.1, tv=0.0, image_shape=(3, 4, 4),
+        mean=(0.5,) * 3, std=(0.2,) * 3,
+    )  # fmt: skip
+    check_options(**good)
+    bad = [("restarts", 0), ("num_images", True), ("num_classes", 1.5), ("median_filter_every", -1), ("lr", 0.0),
+           ("tv", math.nan), ("image_shape", (3, 4)), ("mean", (0.5,)), ("std", (0.2, 0.0, 0.2))]  # fmt: skip
+    for name, value in bad:
+        with pytest.raises(InputError, match=name):
+            check_options(**{**good, name: value})
+    check_whole("targets", 3, 1)
+    check_number("tv", 0, positive=False)
+    with pytest.raises(InputError, match="targets must be a whole number >= 1, got 0"):
+        check_whole("targets", 0, 1)
+    with pytest.raises(InputError, match="lr must be a finite number > 0"):
+        check_number("lr", math.inf, positive=True)
+    assert isinstance(part("l2", OBJECTIVES), L2)
+    given = L1()
+    assert part(given, OBJECTIVES) is given
+
+
+def test_attack_priors_put_total_variation_first_and_sum_with_weights():
+    from lightning_inversion.priors import attack_priors, prior_sum
+
+    other = TotalVariation(0.5)
+    assert attack_priors(0.0, None) == [] and attack_priors(0.0, [other]) == [other]
+    first, second = attack_priors(0.25, [ImagePrior(2.0)])
+    assert isinstance(first, TotalVariation) and first.weight == 0.25 and second.weight == 2.0
+    images = torch.rand(3, 2, 1, 4, 4)
+    # Total variation written out for one restart: mean absolute neighbour differences, along W then H.
+    by_hand = torch.tensor(
+        [
+            (x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+            for x in images
+        ]
+    )
+    torch.testing.assert_close(
+        prior_sum([TotalVariation(0.25), TotalVariation(0.5)], images, {}), 0.75 * by_hand
+    )
+    assert torch.equal(prior_sum([], images, {}), torch.zeros(3))
+
+
+def test_priors_that_read_the_update_are_refused_with_several_targets(tiny_victim):
+    from lightning_inversion.errors import InputError
+    from lightning_inversion.priors import prepare_priors
+
+    class ReadsUpdate(ImagePrior):
+        def prepare(self, victim, update):
+            self.seen = update
+
+    update = Client().update(tiny_victim, torch.randn(1, 3, 16, 16), torch.tensor([1]))
+    prior = ReadsUpdate()
+    prepare_priors([TotalVariation(), prior], tiny_victim, update, targets=1)
+    assert prior.seen is update
+    prepare_priors([TotalVariation()], tiny_victim, update, targets=3)  # reads nothing: fine for any T
+    with pytest.raises(InputError, match="ReadsUpdate reads the target update: use targets 1"):
+        prepare_priors([prior], tiny_victim, update, targets=2)
+
+
+def test_an_objective_binds_each_target_to_the_same_tensors():
+    from lightning_inversion.errors import InputError
+
+    first = [torch.tensor([3.0, 0.0]), torch.tensor([1.0])]  # the larger norm in tensor 0
+    second = [torch.tensor([0.1, 0.0]), torch.tensor([2.0])]  # ... in tensor 1
+    bound = Cosine(layers="last", k=1).bind_targets([first, second])
+    assert [m.indices for m in bound] == [[1], [1]]
+    dummy = [torch.tensor([[1.0], [-2.0]])]  # two restarts of the last tensor
+    torch.testing.assert_close(bound[1](dummy), torch.tensor([0.0, 2.0]))  # 1 − cos: aligned, opposite
+    with pytest.raises(InputError, match="compare other tensors for each target"):
+        Cosine(layers="topk", k=1).bind_targets([first, second])
+    with pytest.raises(InputError, match="objective layers 'list'"):
+        L2(layers="list", indices=[5]).bind_targets([first])
+
+
+def test_each_target_update_is_checked_and_gives_its_labels(tiny_victim):
+    from lightning_inversion.targets import TargetMismatchError, check_targets
+
+    client = Client()
+    x = torch.randn(1, 3, 16, 16)
+    with_labels = client.update(tiny_victim, x, torch.tensor([4]))
+    without = dataclasses.replace(with_labels, labels=None)  # the server does not know the label
+    found = check_targets([with_labels, without], 2, tiny_victim, client, AutoLabels(), 1, 10)
+    assert found[0].tolist() == [4]  # given
+    assert found[1].tolist() == [4]  # recovered from the last layer (iDLG)
+    assert check_targets([with_labels], 1, tiny_victim, client, SoftLabels(), 1, 10) == [None]
+    with pytest.raises(TargetMismatchError, match="2 target updates for an attack on targets=3"):
+        check_targets([with_labels, without], 3, tiny_victim, client, AutoLabels(), 1, 10)
+    with pytest.raises(TargetMismatchError, match="label_strategy 'given'"):
+        check_targets([without], 1, tiny_victim, client, GivenLabels(), 1, 10)
+
+
+def test_target_threat_model_resolves_the_labels_against_each_update():
+    from lightning_inversion.threat_model import target_threat_model, threat_model
+
+    labelled = Update([torch.zeros(1)], ["w"], labels=torch.tensor([1]), num_images=1)
+    plain = Update([torch.zeros(1)], ["w"])
+    assert target_threat_model(AutoLabels(), labelled, [], 1, False) == threat_model(
+        "given", [], 1, True, False
+    )
+    assert target_threat_model(AutoLabels(), plain, [], 2, True) == threat_model("batch", [], 2, False, True)
+    assert target_threat_model(AutoLabels(), None, [], 1, False)["labels"] is None  # no target yet
+
+
+def test_slot_labels_and_trees_split_by_target():
+    from lightning_inversion.restarts import slot_labels, split_tree
+
+    shared, per_target = torch.tensor([7, 8]), torch.tensor([[1, 2], [3, 4], [5, 6]])  # (B,), (T, B)
+    slots = torch.tensor([1, 2, 5])  # R = 2: targets 0, 1, 2
+    assert torch.equal(slot_labels(slots, shared, None, 2), shared)
+    assert slot_labels(slots, per_target, None, 2).tolist() == [[1, 2], [3, 4], [5, 6]]
+    soft = torch.randn(6, 2, 4)
+    assert torch.equal(slot_labels(slots, per_target, soft, 2), soft[[1, 2, 5]])
+    x, y = torch.arange(5), torch.arange(10).view(5, 2)
+    parts = split_tree({"a": (x, [y]), "b": {}}, [2, 3])
+    assert parts[0]["a"][0].tolist() == [0, 1] and parts[1]["a"][1][0].tolist() == [[4, 5], [6, 7], [8, 9]]
+    assert isinstance(parts[1]["a"], tuple) and parts[0]["b"] == {} and parts[1]["b"] == {}
+    assert split_tree({}, [1, 1]) == [{}, {}]
+    with pytest.raises(TypeError, match="cannot split str"):
+        split_tree("no", [1])
+
+
+def test_slot_costs_match_each_slot_with_its_own_target():
+    from lightning_inversion.restarts import slot_costs
+
+    class Offset:  # a stand-in objective: the dummy's sum plus the target's number
+        def __init__(self, t):
+            self.t = t
+
+        def __call__(self, dummy):
+            return dummy[0].sum(1) + self.t
+
+    dummy = [torch.arange(8.0).view(4, 2)]  # four slots of R = 2 restarts: targets 0, 0, 1, 1
+    images = torch.rand(4, 1, 1, 3, 3)
+    cost, prior = slot_costs([Offset(100.0), Offset(200.0)], [TotalVariation(2.0)], 2, dummy, images, {})
+    assert cost.tolist() == [101.0, 105.0, 209.0, 213.0]
+    torch.testing.assert_close(prior, 2 * total_variation(images))
+    some = torch.tensor([1, 2])  # one slot of each target
+    cost, _ = slot_costs(
+        [Offset(100.0), Offset(200.0)], [], 2, dummy[:1] and [dummy[0][1:3]], images[1:3], {}, some
+    )
+    assert cost.tolist() == [105.0, 209.0]
+    assert slot_costs([Offset(0.0)], [], 4, dummy, images, {})[0].tolist() == [1.0, 5.0, 9.0, 13.0]
+
+
+def test_each_targets_result_is_chosen_among_its_own_restarts():
+    from lightning_inversion.restarts import as_pixels, target_reconstructions
+
+    normalised = torch.randn(4, 1, 3, 2, 2)
+    pixels = as_pixels(normalised, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
+    by_hand = normalised * torch.tensor([0.2, 0.25, 0.5]).view(3, 1, 1) + torch.tensor([0.5, 0.4, 0.3]).view(
+        3, 1, 1
+    )
+    torch.testing.assert_close(pixels, by_hand.clamp(0, 1))
+    scores = torch.tensor([3.0, 1.0, 0.5, math.inf])  # target 0 picks restart 1, target 1 restart 0
+    steps = torch.tensor([4, 4, 4, 0])
+    results = target_reconstructions(
+        LowestMatching(),
+        pixels,
+        scores,
+        steps,
+        torch.tensor([[1], [2]]),
+        ["given", "batch"],
+        2.0,
+        [{"t": 0}, {"t": 1}],
+    )
+    assert [r.chosen_restart for r in results] == [1, 0]
+    assert torch.equal(results[0].images, pixels[1]) and torch.equal(results[1].images, pixels[2])
+    assert [r.labels.tolist() for r in results] == [[1], [2]] and [r.labels_from for r in results] == [
+        "given",
+        "batch",
+    ]
+    assert results[1].restart_steps == [4, 0] and results[1].threat_model == {"t": 1}
+    soft = torch.zeros(4, 1, 5)
+    soft[2, 0, 3] = 1.0  # the chosen restart of target 1 says class 3
+    results = target_reconstructions(LowestMatching(), pixels, scores, steps, soft, ["dlg", "dlg"], 0.0)
+    assert results[1].labels.tolist() == [3] and results[0].threat_model is None

@@ -41,6 +41,9 @@ class VisionData(pl.LightningDataModule):
         start_index: the first target index when ``target_indices`` is not given.
         distinct_labels: pick ``num_images`` targets with pairwise different labels, scanning from
             ``start_index``.
+        images_per_client: deal the chosen images out to clients of this many images each, in order: each client
+            computes its own update and is attacked as its own target (1: every image on its own, the paper's
+            evaluation). ``None``: one client holds them all (``evaluate.py``: each image its own client).
     """
 
     mean: tuple[float, ...]
@@ -59,6 +62,7 @@ class VisionData(pl.LightningDataModule):
         num_images: PositiveInt | None = None,
         start_index: NonNegativeInt = 0,
         distinct_labels: bool = False,
+        images_per_client: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         num_images = 1 if num_images is None else num_images  # a folder's default: see ImageFolderData
@@ -67,6 +71,7 @@ class VisionData(pl.LightningDataModule):
             ("num_workers", num_workers, 0),
             ("num_images", num_images, 1),
             ("start_index", start_index, 0),
+            *((("images_per_client", images_per_client, 1),) if images_per_client is not None else ()),
             *(("target_indices", i, 0) for i in target_indices or ()),
         ):
             check_whole(name, value, low)
@@ -93,6 +98,7 @@ class VisionData(pl.LightningDataModule):
         self.num_images = int(num_images)
         self.start_index = int(start_index)
         self.distinct_labels = distinct_labels
+        self.images_per_client = None if images_per_client is None else int(images_per_client)
         self._splits: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------------------
@@ -116,9 +122,42 @@ class VisionData(pl.LightningDataModule):
         return self._splits[name]
 
     @property
-    def batch_images(self) -> int:
-        """B, the number of private images the client holds."""
+    def chosen_images(self) -> int:
+        """The number of private images chosen (``target_indices``, else ``num_images``), over all clients."""
         return len(self.target_indices) if self.target_indices else self.num_images
+
+    @property
+    def batch_images(self) -> int:
+        """B, the number of private images each client holds."""
+        return self.images_per_client or self.chosen_images
+
+    @property
+    def num_targets(self) -> int:
+        """T, the number of clients the chosen images are dealt to, each attacked as its own target.
+
+        Raises:
+            InputError: ``images_per_client`` does not divide the chosen images.
+        """
+        chosen, each = self.chosen_images, self.batch_images
+        if chosen % each:
+            raise InputError(
+                f"images_per_client {each} does not divide the {chosen} chosen images (target_indices or "
+                "num_images): every client holds the same number of images"
+            )
+        return chosen // each
+
+    def target_clients(self) -> list[list[int]]:
+        """The indices into the target split of each client's images, ``T`` lists of ``B`` indices."""
+        indices, each = self.target_index_list(self.target_set()), self.batch_images
+        return [indices[t * each : (t + 1) * each] for t in range(self.num_targets)]
+
+    def client_batch(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """The private batch of images ``indices`` of the target split: normalised ``(B, C, H, W)``, labels ``(B,)``."""
+        dataset = self.target_set()
+        items = [dataset[i] for i in indices]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items])
+        labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+        return images, labels
 
     def target_index_list(self, dataset: Dataset) -> list[int]:
         """The indices of the attack targets in ``dataset``."""
@@ -153,12 +192,9 @@ class VisionData(pl.LightningDataModule):
         )
 
     def attack_targets(self) -> tuple[Tensor, Tensor]:
-        """The client's private batch: normalised images ``(B, C, H, W)`` and labels ``(B,)``."""
-        dataset = self.target_set()
-        items = [dataset[i] for i in self.target_index_list(dataset)]
-        images = torch.stack([torch.as_tensor(x) for x, _ in items])
-        labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
-        return images, labels
+        """Every chosen private image in one batch: normalised images ``(N, C, H, W)`` and labels ``(N,)`` (the
+        client's batch when one client holds them all)."""
+        return self.client_batch(self.target_index_list(self.target_set()))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
