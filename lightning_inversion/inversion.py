@@ -35,7 +35,7 @@ from .client import Client, Update
 from .errors import InputError
 from .images import box_bounds
 from .labels import LabelStrategy
-from .objectives import MatchingObjective, decay_milestones
+from .objectives import MatchingObjective, TargetStack, decay_milestones
 from .parts import describe, describe_factory
 from .priors import ImagePrior, prepare_priors
 from .restarts import Reconstruction, RestartSelection
@@ -120,6 +120,7 @@ class Inversion(nn.Module):
         self.updates: list[Update] = []  # every target's update
         self.matching = None  # the objective bound to the first target's update, by prepare()
         self.matchings: list = []  # the objective bound to each target's update
+        self.stack: TargetStack | None = None  # all of them at once, with several targets
         self.last_cost = torch.full((slots,), math.nan)  # each slot's latest matching cost (no priors)
         self.analytic_features: Tensor | None = None  # the closed-form input of the first linear layer
         self.analytic_exact = False  # whether those are the images themselves
@@ -185,6 +186,7 @@ class Inversion(nn.Module):
         flat = device.type == "cuda"
         self.matchings = self.objective.bind_targets([u.tensors for u in self.updates], flat=flat)
         self.matching = self.matchings[0]
+        self.stack = TargetStack(self.matchings) if self.targets > 1 else None
         prepare_priors(self.priors, self.victim, self.update, self.targets)
         self._box = box_bounds(self.mean, self.std, self.dummy_images)
         self.last_cost = self.last_cost.to(device)
@@ -221,7 +223,7 @@ class Inversion(nn.Module):
         cosine is never rounded in half precision.
         """
         dummy, seen = self.client_pass(images, labels)  # the objective casts to fp32 what is not
-        matchings = self.matchings if self.targets > 1 else [self.matching]
+        matchings = self.stack if self.targets > 1 else [self.matching]
         with torch.autocast(self.dummy_images.device.type, enabled=False):
             return bank.slot_costs(matchings, self.priors, self.restarts, dummy, images, seen, slots)
 

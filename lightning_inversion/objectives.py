@@ -6,7 +6,8 @@ DLG-lineage costs (``l2``, ``l1``, ``max``, ``simlocal``) are offered beside it.
 variation among them) are in :mod:`lightning_inversion.priors`.
 
 Every cost here is batched over a leading *restart* axis: dummy gradients come as ``(R, *shape)`` per tensor and
-the cost as ``(R,)``, so restarts never run in a Python loop. Nothing here imports Lightning.
+the cost as ``(R,)``, so restarts never run in a Python loop; :class:`TargetStack` matches each of them with its own
+target the same way, so targets do not either. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def dots_and_squares(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> tuple
 
     Args:
         dummy: one ``(R, *shape)`` tensor per compared parameter.
-        target: one ``shape`` tensor per compared parameter (a constant: it gets no gradient).
+        target: one ``shape`` tensor per compared parameter, or ``(R, *shape)``, one per restart (a constant: it
+            gets no gradient).
     """
     return _DotsAndSquares.apply(tuple(t.detach() for t in target), *dummy)
 
@@ -143,11 +145,13 @@ def matching_cost(
 
     Args:
         dummy: the dummy gradient (or update), one ``(R, *shape)`` tensor per selected victim parameter.
-        target: the target gradient, one ``shape`` tensor per selected parameter.
+        target: the target gradient, one ``shape`` tensor per selected parameter; or each restart's own,
+            ``(R, *shape)`` (see :class:`TargetStack`).
         weights: w_i per selected tensor.
         cost: ``sim`` (1 − one global weighted cosine over all selected tensors), ``l2`` (Σ wᵢ‖gᵢ − g*ᵢ‖²),
             ``l1`` (Σ wᵢ‖gᵢ − g*ᵢ‖₁), ``max`` (Σ wᵢ max|gᵢ − g*ᵢ|), ``simlocal`` (Σ 1 − wᵢ cos(gᵢ, g*ᵢ)).
-        target_sq_norms: ‖g*ᵢ‖² per tensor, when already computed (they never change during an attack).
+        target_sq_norms: ‖g*ᵢ‖² per tensor (``(R,)`` each for per-restart targets), when already computed (they
+            never change during an attack).
         eps: floor on the cosine's denominators, so a zero dummy gradient gives a finite cost.
 
     Returns:
@@ -155,8 +159,11 @@ def matching_cost(
     """
     if len(dummy) != len(target) or len(dummy) != len(weights):
         raise ValueError(f"{len(dummy)} dummy tensors, {len(target)} target tensors, {len(weights)} weights")
+    per_restart = target[0].dim() == dummy[0].dim()  # each restart matched with its own target
     if target_sq_norms is None:
-        target_sq_norms = [t.pow(2).sum() for t in target]
+        target_sq_norms = [
+            t.reshape(len(t), -1).pow(2).sum(1) if per_restart else t.pow(2).sum() for t in target
+        ]
     if cost in ("l2", "l1", "max"):
         total = 0
         for g, t, w in zip(dummy, target, weights, strict=True):
@@ -170,14 +177,16 @@ def matching_cost(
             total = total + w * term
         return total
     dots, dummy_sq = dots_and_squares(dummy, target)  # (L, R) each
-    target_sq = torch.stack(list(target_sq_norms)).to(dots)  # (L,)
+    target_sq = torch.stack(list(target_sq_norms)).to(dots)  # (L,), or (L, R) per restart
     w = torch.as_tensor(weights, dtype=dots.dtype, device=dots.device)  # (L,)
     if cost == "sim":
         num = (w[:, None] * dots).sum(0)
-        den = (w[:, None] * dummy_sq).sum(0).sqrt() * (w * target_sq).sum().sqrt()
+        target_norm = (w[:, None] * target_sq).sum(0) if per_restart else (w * target_sq).sum()
+        den = (w[:, None] * dummy_sq).sum(0).sqrt() * target_norm.sqrt()
         return 1 - num / den.clamp_min(eps)
     if cost == "simlocal":
-        cos = dots / (dummy_sq.sqrt() * target_sq.sqrt()[:, None]).clamp_min(eps)
+        target_norms = target_sq.sqrt() if per_restart else target_sq.sqrt()[:, None]
+        cos = dots / (dummy_sq.sqrt() * target_norms).clamp_min(eps)
         return (1 - w[:, None] * cos).sum(0)
     raise ValueError(f"unknown cost {cost!r}")
 
@@ -236,23 +245,104 @@ class GradientMatching:
 
     forward = __call__
 
-    def _flat_cosine_cost(self, dummy: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
-        """``sim`` over one concatenated ``(R, N)`` vector: the same value as :func:`matching_cost`.
+    def _flat_cosine_cost(self, dummy: Sequence[Tensor]) -> Tensor:
+        return flat_cosine_cost(dummy, self.flat_target, self.target_norm, self.flat_weights)
 
-        Per tensor, the cost and its backward dispatch about 18 operations per tensor (ResNet-18: 62 tensors, about
-        1,100 operations per step), and a GPU step of a mid-size victim pays per operation. Concatenated, it is one
-        copy of the gradient and a handful of operations. A product and a pairwise sum keep it as accurate as the
-        per-tensor sums (about 4e-8 relative against fp64 on ResNet-18; a BLAS dot would not be).
-        """
-        flat = torch.cat([g.reshape(g.shape[0], -1) for g in dummy], dim=1)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        dots = (flat * self.flat_target).sum(1)
-        squares = flat * flat
-        if self.flat_weights is not None:
-            squares = squares * self.flat_weights
-        norms = squares.sum(1).sqrt() * self.target_norm
-        return 1 - dots / norms.clamp_min(eps)
+
+def flat_cosine_cost(
+    dummy: Sequence[Tensor],
+    flat_target: Tensor,
+    target_norm: Tensor,
+    flat_weights: Tensor | None = None,
+    eps: float = 1e-12,
+) -> Tensor:
+    """``sim`` over one concatenated ``(R, N)`` vector: the same value as :func:`matching_cost`.
+
+    Per tensor, the cost and its backward dispatch about 18 operations per tensor (ResNet-18: 62 tensors, about
+    1,100 operations per step), and a GPU step of a mid-size victim pays per operation. Concatenated, it is one
+    copy of the gradient and a handful of operations. A product and a pairwise sum keep it as accurate as the
+    per-tensor sums (about 4e-8 relative against fp64 on ResNet-18; a BLAS dot would not be).
+
+    Args:
+        dummy: one ``(R, *shape)`` tensor per compared parameter.
+        flat_target: the weighted target, concatenated: ``(N,)``, or ``(R, N)`` one per restart.
+        target_norm: its weighted norm: a scalar, or ``(R,)``.
+        flat_weights: the weight of each of the N entries (``None``: all 1).
+    """
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in dummy], dim=1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    dots = (flat * flat_target).sum(1)
+    squares = flat * flat
+    if flat_weights is not None:
+        squares = squares * flat_weights
+    norms = squares.sum(1).sqrt() * target_norm
+    return 1 - dots / norms.clamp_min(eps)
+
+
+class TargetStack:
+    """The objective bound to T target updates at once: each slot matched with its own target in one batched cost.
+
+    The same value as each target's :class:`GradientMatching` on its own slots. Split per target instead, the
+    backward of the split writes each target's share of the dummy update into a zero tensor of the whole: T
+    copies of all T slots' update per step, more than the cost itself from a few targets on (ConvNet-16, 8
+    targets: a quarter of a step on the CPU).
+
+    Args:
+        matchings: the objective bound to each target (:meth:`MatchingObjective.bind_targets`: the same tensors,
+            weights and cost for each).
+    """
+
+    def __init__(self, matchings: Sequence[GradientMatching]) -> None:
+        first = matchings[0]
+        self.cost, self.weights, self.indices, self.flat = (
+            first.cost,
+            first.weights,
+            first.indices,
+            first.flat,
+        )
+        self.targets = [
+            torch.stack(ts) for ts in zip(*(m.targets for m in matchings), strict=True)
+        ]  # (T, ...)
+        self.target_sq_norms = torch.stack([torch.stack(m.target_sq_norms) for m in matchings], 1)  # (L, T)
+        if self.flat:
+            self.flat_target = torch.stack([m.flat_target for m in matchings])  # (T, N)
+            self.target_norm = torch.stack([m.target_norm for m in matchings])  # (T,)
+            self.flat_weights = first.flat_weights
+        self._gathered: tuple[Tensor, tuple] | None = None  # the last owners and their targets
+
+    def __len__(self) -> int:
+        return len(self.target_sq_norms[0])
+
+    def _per_slot(self, owners: Tensor) -> tuple:
+        """The targets of slots ``owners``, kept for the next call with the same slots (every step's)."""
+        if self._gathered is not None and torch.equal(self._gathered[0], owners):
+            return self._gathered[1]
+        if self.flat:
+            selected = self.flat_target, self.target_norm
+        else:
+            selected = self.targets, self.target_sq_norms.T  # (T, L): targets first, like the others
+        if not torch.equal(owners, torch.arange(len(self))):  # one slot per target in order needs no copy
+            index = owners.to(self.target_sq_norms.device)
+            selected = tuple(self._pick(x, index) for x in selected)
+        if not self.flat:
+            selected = selected[0], selected[1].T  # back to (L, r)
+        self._gathered = owners.clone(), selected
+        return selected
+
+    @staticmethod
+    def _pick(x: Tensor | list[Tensor], index: Tensor) -> Tensor | list[Tensor]:
+        return [t.index_select(0, index) for t in x] if isinstance(x, list) else x.index_select(0, index)
+
+    def __call__(self, dummy: Sequence[Tensor], owners: Tensor) -> Tensor:
+        """``dummy``: one ``(r, *shape)`` tensor per selected parameter; ``owners``: ``(r,)`` the target of each
+        slot (on the CPU). Returns ``(r,)`` costs in fp32."""
+        if self.flat:
+            flat_target, target_norm = self._per_slot(owners)
+            return flat_cosine_cost(dummy, flat_target, target_norm, self.flat_weights)
+        dummy = [g if g.dtype == torch.float32 else g.float() for g in dummy]
+        targets, target_sq_norms = self._per_slot(owners)
+        return matching_cost(dummy, targets, self.weights, self.cost, target_sq_norms)
 
 
 class MatchingObjective:

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_map
 
 from .client import Client, _has_batchnorm
 from .images import denormalize
-from .objectives import GradientMatching
+from .objectives import GradientMatching, TargetStack
 from .priors import ImagePrior, prior_sum, total_variation
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def split_tree(tree, sizes: list[int]) -> list:
 
 
 def slot_costs(
-    matchings: list[GradientMatching],
+    matchings: list[GradientMatching] | TargetStack,
     priors: list[ImagePrior],
     restarts: int,
     dummy: list[Tensor],
@@ -187,7 +187,8 @@ def slot_costs(
     """Each slot's matching cost against its own target's update, and its priors' weighted sum, both ``(r,)``.
 
     Args:
-        matchings: the objective bound to each target's update (one for one target).
+        matchings: the objective bound to each target's update (one for one target), or all of them at once
+            (:class:`~.objectives.TargetStack`, the faster).
         priors: the image priors.
         restarts: R, the restarts of each target.
         dummy: the dummy update of the slots, one ``(r, *shape)`` tensor per compared victim parameter.
@@ -196,11 +197,18 @@ def slot_costs(
         slots: the slots of ``images`` (on the CPU, ascending; all when ``None``); with several targets each
             target's slots get its objective, and priors over its restarts only.
     """
-    if len(matchings) == 1:
+    if not isinstance(matchings, TargetStack) and len(matchings) == 1:
         return matchings[0](dummy), prior_sum(priors, images, seen)
     owners = (torch.arange(len(images)) if slots is None else slots) // restarts
     targets, counts = torch.unique_consecutive(owners, return_counts=True)
     split = counts.tolist()
+    if isinstance(
+        matchings, TargetStack
+    ):  # the matching in one batch; the priors over each target's restarts
+        penalties = [
+            prior_sum(priors, x, s) for x, s in zip(images.split(split), split_tree(seen, split), strict=True)
+        ]
+        return matchings(dummy, owners), torch.cat(penalties)
     parts = zip(
         targets.tolist(),
         zip(*(g.split(split) for g in dummy), strict=True),

@@ -8,6 +8,7 @@ import torch
 from lightning_inversion.images import box_bounds, denormalize, median_filter3x3, normalize, project_box
 from lightning_inversion.objectives import (
     GradientMatching,
+    TargetStack,
     decay_milestones,
     dots_and_squares,
     layer_weights,
@@ -134,6 +135,31 @@ def test_the_flat_cosine_equals_the_per_tensor_one(weighting):
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b)
     assert not GradientMatching(target, "l2", flat=True).flat  # only the cosine has a flat form
+
+
+@pytest.mark.parametrize(("cost", "flat"), [("sim", False), ("sim", True), ("simlocal", False), ("l2", False),
+                                           ("l1", False), ("max", False)])  # fmt: skip
+def test_a_target_stack_matches_each_slot_with_its_own_target(cost, flat):
+    # The reference: each target's own matching on its own slots, one call per slot.
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(4, 3, 3, 3), (4,), (6, 4), (6,)]
+    targets = [[torch.randn(*s, generator=gen) for s in shapes] for _ in range(3)]
+    matchings = [
+        GradientMatching(t, cost, selection="last", k=3, weighting="linear", flat=flat) for t in targets
+    ]
+    stack = TargetStack(matchings)
+    assert len(stack) == 3 and stack.indices == [1, 2, 3]
+    for owners in (torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 2, 2])):
+        dummy = [torch.randn(len(owners), *s, generator=gen, requires_grad=True) for s in shapes[1:]]
+        expected = torch.cat(
+            [matchings[t]([g[i : i + 1] for g in dummy]) for i, t in enumerate(owners.tolist())]
+        )
+        for _ in range(2):  # the second call reuses the slots' targets
+            cost_of_slots = stack(dummy, owners)
+            torch.testing.assert_close(cost_of_slots, expected)
+            got = torch.autograd.grad(cost_of_slots.sum(), dummy)
+            for a, b in zip(got, torch.autograd.grad(expected.sum(), dummy, retain_graph=True), strict=True):
+                torch.testing.assert_close(a, b)
 
 
 def test_dots_and_squares_under_torch_func():
