@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--victim", default=None, help="overrides the config's victim")
     parser.add_argument("--steps", type=int, default=None, help="overrides the config's max_steps")
     parser.add_argument(
-        "--skip-one-fit-per-target", action="store_true", help="time only the batched fit and the separate runs"
+        "--skip-one-fit-per-target",
+        action="store_true",
+        help="time only the batched fit and the separate runs",
     )
     args = parser.parse_args(argv)
     common = [
