@@ -411,7 +411,8 @@ def test_a_run_over_several_targets_is_not_continued_from_a_checkpoint(tmp_path,
 @pytest.mark.slow
 def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
     """4 targets, their (target, restart) slots split over 2 gloo processes (ddp_spawn, 2 targets per fit), give
-    the table of one process with all 4 in one fit; the same through torchrun and Lightning's DDP."""
+    the table of one process with all 4 in one fit; the same through torchrun and Lightning's DDP, and over 2
+    "nodes" of one process each as SLURM's ``srun`` starts them (Lightning's SLURM environment, ``num_nodes 2``)."""
     common = [*SMALL, "--data.init_args.target_indices=[0, 1, 2, 3]", "--model.restarts=2"]
     common += ["--trainer.max_steps=3", "--trainer.accelerator=cpu"]
     one = invert(["fit", "--config", str(CONFIG), *common, f"--report.output_dir={tmp_path / 'one'}"])
@@ -427,13 +428,30 @@ def test_targets_split_over_two_cpu_processes_give_the_table_of_one(tmp_path):
         ]
         + [str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp"],
     }
+    runs["slurm"] = [sys.executable, str(ROOT / "invert.py"), "fit", "--trainer.strategy=ddp"]
     for name, command in runs.items():
-        command = [*command, "--config", str(CONFIG), *common, "--trainer.devices=2", "--targets_per_fit=2"]
-        out = subprocess.run(
-            [*command, f"--report.output_dir={tmp_path / name}", f"--trainer.default_root_dir={tmp_path / name}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
+        devices = (
+            ["--trainer.num_nodes=2", "--trainer.devices=1"] if name == "slurm" else ["--trainer.devices=2"]
+        )
+        command = [*command, "--config", str(CONFIG), *common, *devices, "--targets_per_fit=2"]
+        command += [f"--report.output_dir={tmp_path / name}", f"--trainer.default_root_dir={tmp_path / name}"]
+        # srun starts one task per node with these variables (here both "nodes" are this machine).
+        slurm = dict(SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", SLURM_LOCALID="0",
+                     SLURM_JOB_NAME="audit", MASTER_ADDR="127.0.0.1", MASTER_PORT="29519")  # fmt: skip
+        tasks = [{**slurm, "SLURM_PROCID": str(r), "SLURM_NODEID": str(r)} for r in range(2)]
+        logs = [(tmp_path / f"{name}_{r}.log").open("w") for r in range(2 if name == "slurm" else 1)]
+        processes = [
+            subprocess.Popen(command, cwd=tmp_path, env={**env, **task}, stdout=log, stderr=subprocess.STDOUT)
+            for task, log in zip(tasks if name == "slurm" else [{}], logs, strict=True)
+        ]  # each writes to a file: two pipes read one after the other could fill and block
+        for process, log in zip(processes, logs, strict=True):
+            code = process.wait(timeout=900)
+            log.close()
+            assert code == 0, Path(log.name).read_text()[-3000:]
+        if (
+            name == "slurm"
+        ):  # Lightning took the ranks from SLURM's variables: the second task was rank 1 of 2
+            assert "GLOBAL_RANK: 1, MEMBER: 2/2" in Path(logs[1].name).read_text()
         rows = read_rows(tmp_path / name)
         assert [r["index"] for r in rows] == ["0", "1", "2", "3"], name
         # Each process runs the victim on its slots at once, which rounds differently from all of them at once
