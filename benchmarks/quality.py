@@ -34,6 +34,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -95,6 +96,8 @@ def trained_victim(
     tag = f"{name}-{type(data).__name__}-{epochs}x{batches}" + (
         "" if default else f"-m{'-'.join(map(str, milestones))}"
     )
+    scale = getattr(data, "crop_scale", (0.1, 0.4))
+    tag += "" if tuple(scale) == (0.1, 0.4) else f"-crops{scale[0]:g}-{scale[1]:g}"
     weights, info = folder / f"{tag}.pt", folder / f"{tag}.json"
     pl.seed_everything(0, verbose=False)
     classifier = VictimClassifier(
@@ -140,7 +143,9 @@ def trained_victim(
 
 def datasets(args: argparse.Namespace) -> dict[str, VisionData]:
     found: dict[str, VisionData] = {
-        "photos": PhotoData(train_size=args.train_size, val_size=256, batch_size=64),
+        "photos": PhotoData(
+            train_size=args.train_size, val_size=256, batch_size=64, crop_scale=tuple(args.crop_scale)
+        ),
     }
     cifar = Path(args.cifar_root) / CIFAR10Data.folder
     if args.cifar_root and cifar.is_dir():
@@ -343,7 +348,9 @@ def realistic(args: argparse.Namespace) -> str:
     from lightning_inversion.threat_model import threat_model
 
     output = Path(args.output)
-    data = PhotoData(train_size=args.train_size, val_size=256, batch_size=64)  # the victims' training data
+    data = PhotoData(
+        train_size=args.train_size, val_size=256, batch_size=64, crop_scale=tuple(args.crop_scale)
+    )  # the victims' training data
     targets = list(range(min(args.images, len(data.target_set()))))
     trainer_kwargs = {"accelerator": args.accelerator}
     chosen = [s for s in REALISTIC if not args.settings or s.name in args.settings]
@@ -374,6 +381,8 @@ def realistic(args: argparse.Namespace) -> str:
         steps = args.realistic_steps or setting.steps
         used = targets[: len(targets) - len(targets) % setting.num_images]
         tv = setting.tv if args.realistic_tv is None else args.realistic_tv
+        if args.realistic_restarts:
+            setting = dataclasses.replace(setting, restarts=args.realistic_restarts)
         cells, assumed = [], None
         for column in REALISTIC_COLUMNS:
             priors = realistic_priors(column, setting, args)
@@ -416,7 +425,9 @@ def realistic(args: argparse.Namespace) -> str:
         threat = f"labels {assumed['labels']}, {assumed['num_images']} image(s) known, {assumed['client_mode']}-mode client"
         flat_cell = _cell(summarize_values(flat[: len(used)]), 0)
         lines.append(
-            f"| {setting.name}, {weights} | {threat} | {steps} (TV {tv:g}) | {flat_cell} | "
+            f"| {setting.name}, {weights} | {threat} | {steps} (TV {tv:g}"
+            + (f", {setting.restarts} restarts" if setting.restarts > 1 else "")
+            + f") | {flat_cell} | "
             + " | ".join(cells)
             + f" | {setting.goal or '-'} |"
         )
@@ -431,7 +442,9 @@ def statistics_distances(args: argparse.Namespace) -> str:
     from lightning_inversion.priors import RunningStatistics
 
     output = Path(args.output)
-    data = PhotoData(train_size=args.train_size, val_size=256, batch_size=64)
+    data = PhotoData(
+        train_size=args.train_size, val_size=256, batch_size=64, crop_scale=tuple(args.crop_scale)
+    )
     lines = ["| victim | batch | R_BN to the running statistics |", "|---|---|---|"]
     photos = torch.stack([data.target_set()[i][0] for i in range(len(data.target_set()))])
     crops = torch.stack([data.train_set()[i][0] for i in range(64)])
@@ -512,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="*", help="--realistic: only these settings (by name)")
     parser.add_argument("--realistic-steps", type=int, help="--realistic: steps for every setting")
     parser.add_argument("--realistic-tv", type=float, help="--realistic: TV weight for every setting")
+    parser.add_argument("--realistic-restarts", type=int, help="--realistic: restarts for every setting")
     parser.add_argument("--columns", nargs="*", help="--realistic: only these columns (by name)")
     parser.add_argument("--bn-weight", type=float, default=1e-4, help="weight of the BatchNorm prior")
     parser.add_argument("--group-weight", type=float, default=1e-2, help="weight of group consistency")
@@ -526,6 +540,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--train-milestones", type=int, nargs="+", help="--realistic: epochs of lr drops (default 5 7)"
+    )
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=[0.1, 0.4],
+        help="the trained victims' training crops: their side as fractions of a photo's short side",
     )
     args = parser.parse_args(argv)
     # --realistic trains with the recipe of configs/victim_demo.yaml: 8 epochs of 32 batches of 64 (2,048 crops)
