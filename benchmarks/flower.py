@@ -64,9 +64,11 @@ def flower_update(net_name: str, images: torch.Tensor, labels: torch.Tensor, fol
     return server_net
 
 
-def prior_options(weight: float, distance: str = "l2") -> dict:
+def prior_options(weight: float, distance: str = "l2", first_layer_weight: float = 1.0) -> dict:
     """The GradientInversion options that add the BatchNorm prior on recovered statistics."""
-    prior = priors_module.BatchNormStatistics(RecoveredStatistics(), weight=weight, distance=distance)
+    prior = priors_module.BatchNormStatistics(
+        RecoveredStatistics(), weight=weight, distance=distance, first_layer_weight=first_layer_weight
+    )
     return {"priors": [prior]}
 
 
@@ -99,6 +101,12 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["tutorial", "bn"], choices=list(NETS))
     parser.add_argument("--prior-weight", type=float, default=0.1)
     parser.add_argument("--prior-distance", choices=["l2", "kl"], default="l2", help="the prior's form")
+    parser.add_argument(
+        "--first-layer-weight",
+        type=float,
+        default=1.0,
+        help="the prior's weight of the first BatchNorm layer",
+    )
     parser.add_argument("--tv", type=float, default=0.1, help="weight of the total-variation prior")
     parser.add_argument("--columns", nargs="+", default=["ignored", "recovered", "delta"])
     parser.add_argument("--output", type=Path, default=Path("runs/flower"))
@@ -134,7 +142,9 @@ def main() -> None:
                     else:
                         update = weights
                     extra = (
-                        prior_options(args.prior_weight, args.prior_distance) if column == "recovered" else {}
+                        prior_options(args.prior_weight, args.prior_distance, args.first_layer_weight)
+                        if column == "recovered"
+                        else {}
                     )
                     value, picture = attack(server_net, update, truth, num_images, args.steps, extra, args.tv)
                     psnrs[column].append(value)
@@ -147,6 +157,7 @@ def main() -> None:
                 "targets": len(groups),
                 "seconds": round(seconds),
                 **{c: float(np.nanmean(v)) if not all(np.isnan(v)) else None for c, v in psnrs.items()},
+                "per_target": {c: [round(x, 2) for x in v] for c, v in psnrs.items()},
             }
             rows.append(row)
             log.info(json.dumps(row))
@@ -157,7 +168,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[c]:.2f}" if r.get(c) is not None else "n/a" for c in ("ignored", "recovered", "delta")]
+        cells = [
+            f"{r[c]:.2f} ({', '.join(f'{x:.2f}' for x in r['per_target'][c])})"
+            if r.get(c) is not None
+            else "n/a"
+            for c in ("ignored", "recovered", "delta")
+        ]
         print(f"| {r['net']} | {r['images']} | {r['targets']} | {' | '.join(cells)} | {r['seconds']} |")
 
 
