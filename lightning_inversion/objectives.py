@@ -295,12 +295,8 @@ class TargetStack:
 
     def __init__(self, matchings: Sequence[GradientMatching]) -> None:
         first = matchings[0]
-        self.cost, self.weights, self.indices, self.flat = (
-            first.cost,
-            first.weights,
-            first.indices,
-            first.flat,
-        )
+        self.cost, self.weights = first.cost, first.weights
+        self.indices, self.flat = first.indices, first.flat
         self.targets = [
             torch.stack(ts) for ts in zip(*(m.targets for m in matchings), strict=True)
         ]  # (T, ...)
