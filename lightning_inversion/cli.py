@@ -489,8 +489,16 @@ class InversionCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """The Trainer, reading and writing checkpoints through :class:`SafeCheckpointIO`."""
-        return _with_safe_checkpoints(super().instantiate_trainer(**kwargs))
+        """The Trainer, reading and writing checkpoints through :class:`SafeCheckpointIO`.
+
+        Raises:
+            InputError: a Trainer option Lightning refuses with a ``ValueError`` (``num_nodes 0``, ...).
+        """
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as error:
+            raise InputError(f"--trainer options: {error}") from None
+        return _with_safe_checkpoints(trainer)
 
     def trainer_for_targets(self, first: bool) -> Trainer:
         """The Trainer of one fit over several targets: the CLI's for the first, a fresh one (same options,

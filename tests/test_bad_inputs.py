@@ -139,6 +139,7 @@ CASES = [
     ("max_steps negative", ["--trainer.max_steps=-5"], ["--trainer.max_steps", ">= 0"]),
     ("max_steps 0 without analytic", ["--trainer.max_steps=0"], ["max_steps 0", "analytic"]),
     ("true half precision", ["--trainer.precision=bf16-true"], ["--trainer.precision", "bf16-mixed"]),
+    ("num_nodes 0", ["--trainer.num_nodes=0"], ["--trainer", "num_nodes", "0"]),
     ("image_size too small", ["--data.image_size=2"], ["ConvNet-8", "(3, 2, 2)"]),
     (
         "num_images over the data",
