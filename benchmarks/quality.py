@@ -217,6 +217,16 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def recipe_victim(name: str, data: VisionData, args: argparse.Namespace) -> tuple[nn.Module, float | None]:
+    """A victim trained by the recipe of ``configs/victim_demo.yaml`` (the lr drops after epochs 5 and 7 unless
+    ``--train-milestones``), cached under ``--output``, and its validation accuracy."""
+    milestones = tuple(args.train_milestones or (5, 7))
+    weights = Path(args.output) / "weights"
+    return trained_victim(
+        name, data, args.train_epochs, args.train_batches, weights, args.accelerator, milestones=milestones
+    )
+
+
 @dataclass
 class Setting:
     """One row of the realistic table: a victim, the client's mode, the batch and the attack's budget."""
@@ -363,15 +373,7 @@ def realistic(args: argparse.Namespace) -> str:
         photos = data if setting.image_size == data.image_size else PhotoData(image_size=setting.image_size)
         flat = flat_image_psnr(photos, targets)
         if setting.trained:
-            victim, accuracy = trained_victim(
-                setting.victim,
-                data,
-                args.train_epochs,
-                args.train_batches,
-                output / "weights",
-                args.accelerator,
-                milestones=tuple(args.train_milestones or (5, 7)),
-            )
+            victim, accuracy = recipe_victim(setting.victim, data, args)
             weights = f"trained ({accuracy:.2f})" if accuracy is not None else "trained"
         else:
             pl.seed_everything(0, verbose=False)
@@ -441,7 +443,6 @@ def statistics_distances(args: argparse.Namespace) -> str:
     from lightning_inversion.client import _batchnorm_inputs
     from lightning_inversion.priors import RunningStatistics
 
-    output = Path(args.output)
     data = PhotoData(
         train_size=args.train_size, val_size=256, batch_size=64, crop_scale=tuple(args.crop_scale)
     )
@@ -464,15 +465,7 @@ def statistics_distances(args: argparse.Namespace) -> str:
         "64 training crops": crops,
     }
     for name in args.victims:
-        victim, _ = trained_victim(
-            name,
-            data,
-            args.train_epochs,
-            args.train_batches,
-            output / "weights",
-            args.accelerator,
-            milestones=tuple(args.train_milestones or (5, 7)),
-        )
+        victim, _ = recipe_victim(name, data, args)
         reference = RunningStatistics().statistics(victim, None)
         for label, x in batches.items():
             seen: dict = {}
