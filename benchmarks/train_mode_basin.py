@@ -4,10 +4,11 @@ The demo's private image (the cat at 28×28), an untrained victim (built after `
 train-mode FedSGD client (BatchNorm on the image's own statistics), labels given. The attack (cosine + TV 1e-5,
 Adam with the step decay, signed unless ``--unsigned``) starts from the cat plus Gaussian noise of std ``--eps``
 in normalised pixels instead of from noise, and runs ``--steps`` steps. Printed: the PSNR of the start and of the
-end against the cat, and the matching cost (1 − cosine over all tensors) at both; ``--per-tensor`` adds 1 − cos
-per gradient tensor at the start (``--steps 0``: the start only). If the attack walks away from a start that
-close, the cost has lower points around the truth than on the way to it, and more steps or a few restarts from
-random starts are unlikely to find the truth either.
+end against the cat, and the matching cost (1 − cosine over all tensors) at both. ``--per-tensor`` adds 1 − cos
+per gradient tensor at the start (``--steps 0``: the start only), ``--variants`` the cost of coarse versions of
+the cat, and ``--eval-mode`` puts the client in eval mode, for the contrast. If the attack walks away from a start
+that close, the cost has lower points around the truth than on the way to it, and more steps or a few restarts
+from random starts are unlikely to find the truth either.
 
 Example::
 
@@ -33,6 +34,12 @@ def _norm(tensors: list[torch.Tensor]) -> float:
     return sum(float(t.pow(2).sum()) for t in tensors) ** 0.5
 
 
+def _cost(tensors: list[torch.Tensor], target: list[torch.Tensor]) -> float:
+    """1 − the cosine between two updates over all their tensors."""
+    dot = sum(float((a * b).sum()) for a, b in zip(tensors, target, strict=True))
+    return 1 - dot / (_norm(tensors) * _norm(target))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -43,19 +50,26 @@ def main() -> None:
         "--steps", type=int, default=300, help="attack steps (decay at 3/8, 5/8, 7/8); 0: the start only"
     )
     parser.add_argument("--unsigned", action="store_true", help="plain Adam instead of signed Adam")
+    parser.add_argument("--eval-mode", action="store_true", help="an eval-mode client instead (the contrast)")
     parser.add_argument("--victim", default="ConvNet-16")
     parser.add_argument(
         "--per-tensor",
         action="store_true",
         help="also 1 − cos per gradient tensor at the start, and its share",
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the matching cost of coarse versions of the cat (16×16 and back, half contrast, brighter, grey)",
+    )
     args = parser.parse_args()
 
     data = PhotoData(image_size=28, target_indices=[1])
-    image, label = data.target_set()[0]
+    images, labels = data.client_batch(data.target_clients()[0])  # the chosen target, the cat
+    image, label = images[0], int(labels[0])
     pl.seed_everything(0, verbose=False)
     victim = build_victim(args.victim, data.num_classes, tuple(data.image_shape)).eval()
-    client = Client(train_mode=True)
+    client = Client(train_mode=not args.eval_mode)
     update = client.update(victim, image[None], torch.tensor([label]))
     mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
     truth = (image * std + mean).clamp(0, 1)[None]
@@ -76,9 +90,22 @@ def main() -> None:
     with torch.no_grad():
         attack.dummy_images.copy_(start[None, None])
     at_start = client.update(victim, start[None], torch.tensor([label])).tensors
-    start_cost = 1 - sum(float((a * b).sum()) for a, b in zip(at_start, update.tensors, strict=True)) / (
-        _norm(at_start) * _norm(update.tensors)
-    )
+    start_cost = _cost(at_start, update.tensors)
+    if args.variants:
+        pixels = image * std + mean
+        grey = pixels.mean()
+        small = torch.nn.functional.interpolate(pixels[None], size=16, mode="bilinear", align_corners=False)
+        variants = {
+            "16×16 and back": torch.nn.functional.interpolate(
+                small, size=28, mode="bilinear", align_corners=False
+            )[0],
+            "half contrast": grey + 0.5 * (pixels - grey),
+            "+0.1 brightness": (pixels + 0.1).clamp(0, 1),
+            "grey (0.5)": torch.full_like(pixels, 0.5),
+        }
+        for name, variant in variants.items():
+            tensors = client.update(victim, ((variant - mean) / std)[None], torch.tensor([label])).tensors
+            print(f"the cat, {name}: matching cost {_cost(tensors, update.tensors):.4f}")
     if args.per_tensor:
         total = _norm(update.tensors) ** 2
         print("tensor | 1 − cos at the start | share of the target's squared norm")
@@ -87,7 +114,10 @@ def main() -> None:
             print(f"{name} | {1 - float(cos):.3f} | {float(b.pow(2).sum()) / total:.3f}")
 
     if args.steps < 1:  # the start only (--per-tensor)
-        print(f"matching cost at the start {start_cost:.3f}")
+        mode = "eval" if args.eval_mode else "train"
+        print(
+            f"{args.victim}, {mode}-mode client, eps {args.eps}: matching cost at the start {start_cost:.4g}"
+        )
         return
 
     def pixels_psnr(images: torch.Tensor) -> float:
@@ -105,7 +135,7 @@ def main() -> None:
         trainer.fit(attack)
     end = attack.dummy_images.detach()[0, 0]
     print(
-        f"{args.victim}, eps {args.eps}, lr {args.lr}, {'unsigned' if args.unsigned else 'signed'} Adam, "
+        f"{args.victim}, {'eval' if args.eval_mode else 'train'}-mode client, eps {args.eps}, lr {args.lr}, {'unsigned' if args.unsigned else 'signed'} Adam, "
         f"{args.steps} steps: PSNR {pixels_psnr(start):.2f} -> {pixels_psnr(end):.2f} dB, "
         f"matching cost {start_cost:.3f} -> {float(attack.last_cost.min()):.3f}"
     )
