@@ -62,6 +62,37 @@ def match_to_truth(images: Tensor, truth: Tensor) -> Tensor:
     return torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
 
 
+def restart_agreement(
+    restarts: Tensor, images: Tensor, scores: Sequence[float], chosen: int | None = None
+) -> float | None:
+    """How closely the other restarts agree with the reconstruction, with no ground truth needed: the mean PSNR in
+    dB of each other restart's images against ``images``, each restart's images put in their order first (the
+    assignment of :func:`match_to_truth`). Restarts that match the update about as well with different images show
+    that the update does not pin the images down (or that some restarts failed): a value near the PSNR of
+    unrelated images says the reconstruction is one image among many, not the private one.
+
+    Args:
+        restarts: every restart's images in [0, 1], ``(R, B, C, H, W)``.
+        images: the reconstruction, ``(B, C, H, W)``.
+        scores: each restart's selection score; a restart with a score that is not finite (diverged, never ran)
+            is left out.
+        chosen: the restart ``images`` is (left out); ``None`` when the images combine several.
+
+    Returns:
+        The mean PSNR (``inf`` when they are the same images), or ``None`` when no other restart has a finite
+        score or the reconstruction is not finite.
+    """
+    if not bool(torch.isfinite(images).all()):
+        return None
+    others = [
+        r for i, (r, s) in enumerate(zip(restarts, scores, strict=True)) if i != chosen and math.isfinite(s)
+    ]
+    if not others:
+        return None
+    values = [psnr(r[match_to_truth(r, images)], images).mean() for r in others]
+    return float(torch.stack(values).mean())
+
+
 def lpips_backbone_url(net: str = "alex") -> str:
     """The published ImageNet weights of an LPIPS backbone (torchvision's)."""
     from torchvision import models

@@ -22,7 +22,7 @@ from torchvision.utils import make_grid, save_image
 from .analytic import find_linear_layers
 from .attack import GradientInversion, Reconstruction, dummy_images_as_pixels
 from .images import normalize
-from .metrics import LPIPSMetric, evaluate, match_to_truth, psnr, ssim
+from .metrics import LPIPSMetric, evaluate, flat_psnr, match_to_truth, psnr, restart_agreement, ssim
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +466,15 @@ class InversionReport(pl.Callback):
         if truth is None:
             truth, truth_labels = self.truth, self.truth_labels
         stats = result.stats()
+        if len(result.scores) > 1:  # needs no ground truth: does the update pin the images down?
+            agreement = restart_agreement(
+                result.restarts, result.images, result.scores, result.chosen_restart
+            )
+            stats["restart_agreement_psnr"] = agreement
+            # What any image of the chosen one's mean colours scores against it: agreement above it is detail.
+            stats["restart_agreement_flat_psnr"] = (
+                None if agreement is None else float(flat_psnr(result.images).mean())
+            )
         # What the attacker assumed comes first: numbers are comparable only under the same threat model.
         metrics: dict = {
             "threat_model": stats.pop("threat_model"),
@@ -550,6 +559,14 @@ class InversionReport(pl.Callback):
         if result.chosen_restart is not None:
             lines.append(f"  chosen restart {result.chosen_restart} of {len(result.scores)}")
         m = self.metrics or {}
+        attack = m.get("attack", {})
+        agreement, flat = attack.get("restart_agreement_psnr"), attack.get("restart_agreement_flat_psnr")
+        if agreement is not None and flat is not None:
+            lines.append(
+                f"  the other restarts against the chosen one: {agreement:.1f} dB PSNR, {agreement - flat:+.1f} dB "
+                "over a flat image of its mean colours (near 0 or below: the restarts share their colours and no "
+                "detail, so the update does not single this reconstruction out)"
+            )
         if "psnr" in m:
             parts = [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]
             if m.get("lpips") is not None:

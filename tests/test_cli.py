@@ -10,6 +10,7 @@ import torch
 
 from lightning_inversion.classifier import VictimClassifier
 from lightning_inversion.cli import main
+from lightning_inversion.metrics import flat_psnr, match_to_truth, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 # The configs of invert.py and train_victim.py; audit.py's (audit_*.yaml) are parsed in test_audit.py.
@@ -75,6 +76,15 @@ def test_overrides_reach_the_module(tmp_path):
     )
     assert cli.model.dummy_images.shape == (2, 2, 3, 28, 28)
     assert cli.model.objective.cost == "l2" and cli.model.num_classes == 8
+    # Two restarts: how far the other one is from the chosen one, which needs no ground truth.
+    attack = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())["attack"]
+    result = cli.model.reconstruction
+    other = result.restarts[1 - result.chosen_restart]
+    expected = psnr(other[match_to_truth(other, result.images)], result.images).mean().item()
+    assert attack["restart_agreement_psnr"] == pytest.approx(expected, abs=1e-4)
+    assert attack["restart_agreement_flat_psnr"] == pytest.approx(
+        flat_psnr(result.images).mean().item(), abs=1e-4
+    )
 
 
 def test_a_typo_fails_at_parse_time(capsys):
