@@ -41,7 +41,7 @@ def attack_victim(
     if victim_checkpoint is not None:
         victim = _victim_from_checkpoint(victim_checkpoint, num_classes, image_shape, mean, std)
     elif isinstance(victim, str):
-        from .victims import build_victim
+        from .victims import MissingWeightsError, build_victim
 
         try:
             victim = build_victim(
@@ -49,6 +49,8 @@ def attack_victim(
             )
         except KeyError as error:  # an unknown name: the message lists the valid ones
             raise InputError(f"victim: {error.args[0]}") from None
+        except MissingWeightsError:  # its message names the file, and it is not about the image shape
+            raise
         except RuntimeError as error:  # e.g. images too small for the victim's pooling layers
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise InputError(

@@ -165,7 +165,11 @@ CASES = [
         ["--data.target_indices=[0,1]", "--model.label_strategy=idlg"],
         ["label_strategy"],
     ),
-    SLOW("missing victim weights", ["--model.victim_weights={update.txt}.pt"], ["{update.txt}.pt"]),
+    (
+        "missing victim weights",  # the file, not the image shape (the victim is not at fault)
+        ["--model.victim_weights={update.txt}.pt"],
+        ["error: weights file not found: ", "{update.txt}.pt"],
+    ),
     # images
     ("empty image folder", [*FOLDER_DATA, "--data.root={empty}"], ["{empty}"]),
     SLOW("missing image folder", [*FOLDER_DATA, "--data.root={empty}/nowhere"], ["{empty}/nowhere"]),
