@@ -344,11 +344,11 @@ def attack_batches(
 def flat_image_psnr(data: PhotoData, targets: list[int]) -> list[float]:
     """PSNR of a flat image of each photo's true mean colour: what a reconstruction without any detail scores."""
     from lightning_inversion.images import denormalize
-    from lightning_inversion.metrics import psnr
+    from lightning_inversion.metrics import flat_psnr
 
     dataset = data.target_set()
     truth = torch.stack([denormalize(dataset[i][0], data.mean, data.std).clamp(0, 1) for i in targets])
-    return psnr(truth.mean((2, 3), keepdim=True).expand_as(truth), truth).tolist()
+    return flat_psnr(truth).tolist()
 
 
 def realistic(args: argparse.Namespace) -> str:
