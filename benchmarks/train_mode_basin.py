@@ -6,7 +6,10 @@ Adam with the step decay, signed unless ``--unsigned``) starts from the cat plus
 in normalised pixels instead of from noise, and runs ``--steps`` steps. Printed: the PSNR of the start and of the
 end against the cat, and the matching cost (1 − cosine over all tensors) at both. ``--per-tensor`` adds 1 − cos
 per gradient tensor at the start (``--steps 0``: the start only), ``--variants`` the cost of coarse versions of
-the cat, and ``--eval-mode`` puts the client in eval mode, for the contrast. If the attack walks away from a start
+the cat, and ``--eval-mode`` puts the client in eval mode, for the contrast. ``--pin-statistics`` makes every
+BatchNorm layer normalise with the cat's own batch statistics (what ``RecoveredStatistics`` solves from moved
+buffers) instead of the perturbed image's: as constants (eval mode with the client's statistics), or
+``straight-through`` (their values, with the gradient of the image's own statistics: the exact update at the cat). If the attack walks away from a start
 that close, the cost has lower points around the truth than on the way to it, and more steps or a few restarts
 from random starts are unlikely to find the truth either.
 
@@ -18,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import pytorch_lightning as pl
 import torch
@@ -40,6 +44,38 @@ def _cost(tensors: list[torch.Tensor], target: list[torch.Tensor]) -> float:
     return 1 - dot / (_norm(tensors) * _norm(target))
 
 
+@contextlib.contextmanager
+def pinned_statistics(victim: torch.nn.Module, statistics: dict, straight_through: bool):
+    """Within this context every BatchNorm layer of ``victim`` normalises with ``statistics[name]`` (mean, biased
+    var), plus, if ``straight_through``, the input's own statistics minus their detached value."""
+
+    def hook(name: str):
+        def normalise(module, args, output):
+            x = args[0]
+            axes = [0, *range(2, x.dim())]
+            mean, var = statistics[name]
+            if straight_through:
+                own_mean, own_var = x.mean(axes), x.var(axes, correction=0)
+                mean = mean + own_mean - own_mean.detach()
+                var = var + own_var - own_var.detach()
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = (x - mean.view(shape)) / (var.view(shape) + module.eps).sqrt()
+            return y * module.weight.view(shape) + module.bias.view(shape)
+
+        return normalise
+
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in victim.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -53,6 +89,11 @@ def main() -> None:
     parser.add_argument("--eval-mode", action="store_true", help="an eval-mode client instead (the contrast)")
     parser.add_argument("--victim", default="ConvNet-16")
     parser.add_argument(
+        "--pin-statistics",
+        choices=["constant", "straight-through"],
+        help="BatchNorm normalises with the cat's own statistics, not the perturbed image's (needs --steps 0)",
+    )
+    parser.add_argument(
         "--per-tensor",
         action="store_true",
         help="also 1 − cos per gradient tensor at the start, and its share",
@@ -63,6 +104,8 @@ def main() -> None:
         help="also the matching cost of coarse versions of the cat (16×16 and back, half contrast, brighter, grey)",
     )
     args = parser.parse_args()
+    if args.pin_statistics and (args.steps > 0 or args.eval_mode):
+        parser.error("--pin-statistics measures the start only, of a train-mode client: add --steps 0")
 
     data = PhotoData(image_size=28, target_indices=[1])
     images, labels = data.client_batch(data.target_clients()[0])  # the chosen target, the cat
@@ -71,6 +114,19 @@ def main() -> None:
     victim = build_victim(args.victim, data.num_classes, tuple(data.image_shape)).eval()
     client = Client(train_mode=not args.eval_mode)
     update = client.update(victim, image[None], torch.tensor([label]))
+    cat_statistics = None
+    if args.pin_statistics:
+        seen = {"batchnorm_statistics": {}}
+        params = {n: p.detach() for n, p in victim.named_parameters()}
+        buffers = {n: b.clone() for n, b in victim.named_buffers()}
+        client.simulate(victim, params, buffers, image[None], torch.tensor([label]), seen=seen)
+        cat_statistics = {n: (m.detach(), v.detach()) for n, (m, v) in seen["batchnorm_statistics"].items()}
+
+    def pinned():
+        if cat_statistics is None:
+            return contextlib.nullcontext()
+        return pinned_statistics(victim, cat_statistics, args.pin_statistics == "straight-through")
+
     mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
     truth = (image * std + mean).clamp(0, 1)[None]
     attack = GradientInversion(
@@ -89,7 +145,8 @@ def main() -> None:
     start = image + args.eps * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         attack.dummy_images.copy_(start[None, None])
-    at_start = client.update(victim, start[None], torch.tensor([label])).tensors
+    with pinned():
+        at_start = client.update(victim, start[None], torch.tensor([label])).tensors
     start_cost = _cost(at_start, update.tensors)
     if args.variants:
         pixels = image * std + mean
@@ -104,7 +161,8 @@ def main() -> None:
             "grey (0.5)": torch.full_like(pixels, 0.5),
         }
         for name, variant in variants.items():
-            tensors = client.update(victim, ((variant - mean) / std)[None], torch.tensor([label])).tensors
+            with pinned():
+                tensors = client.update(victim, ((variant - mean) / std)[None], torch.tensor([label])).tensors
             print(f"the cat, {name}: matching cost {_cost(tensors, update.tensors):.4f}")
     if args.per_tensor:
         total = _norm(update.tensors) ** 2
@@ -115,8 +173,9 @@ def main() -> None:
 
     if args.steps < 1:  # the start only (--per-tensor)
         mode = "eval" if args.eval_mode else "train"
+        pin = f", statistics pinned ({args.pin_statistics})" if args.pin_statistics else ""
         print(
-            f"{args.victim}, {mode}-mode client, eps {args.eps}: matching cost at the start {start_cost:.4g}"
+            f"{args.victim}, {mode}-mode client{pin}, eps {args.eps}: matching cost at the start {start_cost:.4g}"
         )
         return
 
