@@ -6,6 +6,7 @@ two run ``python invert.py`` as a subprocess to show the whole path end to end.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -237,6 +238,24 @@ def test_bad_input_exits_2_with_one_message(extra, named, files, tmp_path, capsy
     for word in named:
         assert _fill(word, files) in message, message
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
+
+
+def test_a_missing_update_file_is_named_before_the_attack_is_built(tmp_path, capsys, monkeypatch):
+    built = []
+    original = GradientInversion.__init__
+
+    @functools.wraps(original)  # the parser reads the signature
+    def recording_init(self, *args, **kwargs):
+        built.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientInversion, "__init__", recording_init)
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMALL, f"--trainer.default_root_dir={tmp_path}", f"--update={missing}"], exit_on_error=True)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: update file not found: {missing}\n")
+    assert not built  # neither the victim nor the Trainer was built before the file was looked for
 
 
 def test_there_are_enough_cases():
