@@ -9,9 +9,9 @@ per gradient tensor at the start (``--steps 0``: the start only), ``--variants``
 the cat, and ``--eval-mode`` puts the client in eval mode, for the contrast. ``--pin-statistics`` makes every
 BatchNorm layer normalise with the cat's own batch statistics (what ``RecoveredStatistics`` solves from moved
 buffers) instead of the perturbed image's: as constants (eval mode with the client's statistics), or
-``straight-through`` (their values, with the gradient of the image's own statistics: the exact update at the cat). If the attack walks away from a start
-that close, the cost has lower points around the truth than on the way to it, and more steps or a few restarts
-from random starts are unlikely to find the truth either.
+``straight-through`` (their values, with the gradient of the image's own statistics: the exact update at the
+cat). If the attack walks away from a start that close, the cost has lower points around the truth than on the
+way to it, and more steps or a few restarts from random starts are unlikely to find the truth either.
 
 Example::
 
