@@ -418,8 +418,10 @@ class InversionCLI(LightningCLI):
         if not self.attack:
             return
         update = self.config[self.subcommand].get("update")
-        if update and not Path(update).is_file():  # named before the Trainer starts and the victim is built
-            raise InputError(f"update file not found: {update}")
+        if update:  # named before the Trainer starts and the victim is built
+            from .update_io import existing_update_file
+
+            existing_update_file(update)
         data = self.config[self.subcommand].data
         if self.evaluation and "images_per_client" in data.get("init_args", {}):
             if data.init_args.images_per_client is None:  # evaluate.py: every image its own client

@@ -360,6 +360,18 @@ def _flower_parameters(obj: Any) -> list[Any] | None:
         raise UpdateFileError(f"Flower Parameters that do not read without pickle: {error}") from error
 
 
+def existing_update_file(source: str | Path) -> Path:
+    """``source`` as a path to an existing file.
+
+    Raises:
+        UpdateFileError: there is no file at ``source``.
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise UpdateFileError(f"update file not found: {path}")
+    return path
+
+
 def load_update(
     source: str | Path | Any,
     victim: nn.Module | None = None,
@@ -403,10 +415,8 @@ def load_update(
             raise UpdateFileError(f"unknown update kind {option!r}: expected one of {KINDS}")
     metadata: dict[str, str] = {}
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = existing_update_file(source)
         name = str(path)
-        if not path.is_file():
-            raise UpdateFileError(f"update file not found: {path}")
         obj, metadata = _read(path)
     else:
         name = "the update"
